@@ -1,0 +1,61 @@
+"""nnU-Net path variables and dataset lookup with errors that say what to fix."""
+import os
+from os.path import isdir, join
+
+_HELP = {
+    "nnUNet_raw": "the folder with raw datasets (DatasetXXX_Name/imagesTr, labelsTr, dataset.json)",
+    "nnUNet_preprocessed": "the folder nnUNetv2_plan_and_preprocess writes to",
+    "nnUNet_results": "the folder trained models are written to",
+}
+
+
+class NnUNetCLError(RuntimeError):
+    """A user-facing error: the message names the problem and the fix."""
+
+
+def require_env(name: str) -> str:
+    """Value of an nnU-Net path variable, or a clear error naming the variable and how to set it."""
+    value = os.environ.get(name)
+    if not value:
+        raise NnUNetCLError(
+            f"The environment variable {name} is not set. It must point to {_HELP.get(name, 'a folder')}. "
+            f"Fix: export {name}=/path/to/folder (see nnU-Net's documentation/setting_up_paths.md).")
+    return value
+
+
+def dataset_name(dataset: str | int) -> str:
+    """Resolve '4', 'Dataset004_Hippocampus' or 4 to the dataset folder name, like nnU-Net's -d.
+
+    Raises NnUNetCLError listing the datasets that do exist when nothing matches.
+    """
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+    text = str(dataset)
+    if text.startswith("Dataset"):
+        name = text
+    else:
+        try:
+            return convert_id_to_dataset_name(int(text))
+        except ValueError:
+            name = text
+        except RuntimeError:
+            name = None
+    known = set()
+    for var in ("nnUNet_preprocessed", "nnUNet_raw", "nnUNet_results"):
+        base = os.environ.get(var)
+        if base and isdir(base):
+            known |= {d for d in os.listdir(base) if d.startswith("Dataset")}
+    if name is not None and name in known:
+        return name
+    listing = ", ".join(sorted(known)) or "none"
+    raise NnUNetCLError(
+        f"Dataset {dataset!r} does not exist in nnUNet_raw, nnUNet_preprocessed or nnUNet_results "
+        f"(found: {listing}). Fix: check the id, or convert and preprocess it first "
+        f"(nnUNetv2_convert_MSD_dataset / nnUNetv2_plan_and_preprocess -d ID).")
+
+
+def preprocessed_folder(dataset: str | int) -> str:
+    """nnUNet_preprocessed/DatasetXXX_Name, which must exist."""
+    folder = join(require_env("nnUNet_preprocessed"), dataset_name(dataset))
+    if not isdir(folder):
+        raise NnUNetCLError(f"{folder} does not exist. Fix: run nnUNetv2_plan_and_preprocess -d {dataset} first.")
+    return folder

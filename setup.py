@@ -1,0 +1,37 @@
+from setuptools import setup
+
+setup(
+    name="nnunet-cl",
+    version="0.1.0",
+    description="Contrastive pretraining for nnU-Net v2 when labels are scarce",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # `trainers/` is installed as the package `nnunet_cl_trainers`; nnU-Net finds its classes through the
+    # small shim folder `trainers/ext` (see docs/architecture.md, "Trainer discovery").
+    packages=["nnunet_cl", "nnunet_cl.losses", "nnunet_cl_trainers"],
+    package_dir={"nnunet_cl_trainers": "trainers"},
+    package_data={"nnunet_cl_trainers": ["ext/*.py"]},
+    install_requires=[
+        "nnunetv2>=2.8,<2.9",
+        "torch>=2.1",
+        "numpy",
+        "scipy",
+        "SimpleITK",
+        "batchgenerators",
+        "tqdm",
+        "matplotlib",
+        "scikit-image",
+        "scikit-learn",
+        "connected-components-3d",
+    ],
+    extras_require={
+        "test": ["pytest", "pytorch-metric-learning"],
+        "sam": [],
+    },
+    entry_points={
+        "console_scripts": [
+            "nnUNetv2_cl_ext_trainer_path=nnunet_cl.cli:print_ext_trainer_path",
+        ],
+    },
+)
