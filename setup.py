@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="nnunet-cl",
@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     # `trainers/` is installed as the package `nnunet_cl_trainers`; nnU-Net finds its classes through the
     # small shim folder `trainers/ext` (see docs/architecture.md, "Trainer discovery").
-    packages=["nnunet_cl", "nnunet_cl.losses", "nnunet_cl_trainers"],
+    packages=find_packages(include=["nnunet_cl", "nnunet_cl.*"]) + ["nnunet_cl_trainers"],
     package_dir={"nnunet_cl_trainers": "trainers"},
     package_data={"nnunet_cl_trainers": ["ext/*.py"]},
     install_requires=[
@@ -31,7 +31,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "nnUNetv2_cl_ext_trainer_path=nnunet_cl.cli:print_ext_trainer_path",
+            "nnUNetv2_cl_ext_trainer_path=nnunet_cl.ext_path:main",
+            "nnUNetv2_cl_add_unlabeled=nnunet_cl.pool:main_add_unlabeled",
+            "nnUNetv2_cl_limited_split=nnunet_cl.splits:main_limited_split",
+            "nnUNetv2_cl_export=nnunet_cl.export:main_export",
+            "nnUNetv2_cl_check_pretrained=nnunet_cl.checkpoints:main_check_pretrained",
         ],
     },
 )

@@ -1,0 +1,63 @@
+"""torch.distributed helpers: rank/world size that also work without a process group, and an all-gather
+that lets gradients flow back to the rank that produced each slice.
+
+Plain ``torch.distributed.all_gather`` returns tensors without history, so a contrastive loss over gathered
+embeddings would only train on the local ones (pytorch-metric-learning's ``DistributedLossWrapper`` behaves
+like that). ``gather_with_grad`` is differentiable.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["is_distributed", "world_size", "rank", "gather_with_grad"]
+
+
+def is_distributed() -> bool:
+    """True when torch.distributed is available and a default process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of ranks in the default group, 1 when not distributed."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """This process' rank in the default group, 0 when not distributed."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """forward: y = [x_0; ...; x_{W-1}] (all_gather).  backward: dL/dx_r = sum_s (dL_s/dy)[slice r].
+
+    Every rank s back-propagates its own loss L_s into its copy of y; the all-reduce sums those copies so
+    that rank r receives the gradient of sum_s L_s with respect to its own x_r.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        stacked = torch.stack(grads)  # (W, *x.shape)
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        return stacked[dist.get_rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, keeping autograd history to every rank.
+
+    Returns (W * n, ...) ordered by rank, so this rank's rows are ``[rank() * n, (rank() + 1) * n)``.
+    Every rank must pass the same shape. Identity when not distributed or with a single rank.
+
+    Gradient convention (as lightly's GatherLayer): after each rank calls ``L_r.backward()``, ``x.grad`` on
+    rank r equals d(sum_s L_s)/dx_r. With L_r = a mean over this rank's anchors, DDP's averaging of
+    parameter gradients over the W ranks then reproduces the single-process gradient of the global mean.
+    """
+    if world_size() == 1:
+        return x
+    return torch.cat(_AllGatherWithGrad.apply(x), dim=0)

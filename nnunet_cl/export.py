@@ -1,0 +1,79 @@
+"""`nnUNetv2_cl_export`: a trained model folder that stock nnU-Net predicts with, extension not installed."""
+import argparse
+import shutil
+import sys
+from os.path import isdir, isfile, join
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json, maybe_mkdir_p, save_json, subdirs
+
+from nnunet_cl.checkpoints import stock_network, weight_mismatches
+from nnunet_cl.paths import NnUNetCLError, dataset_name, require_env
+
+_MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
+
+
+def export_model(model_folder: str, output_folder: str, checkpoint_names=("checkpoint_final.pth",),
+                 folds=None) -> str:
+    """Copy a trained nnunet-cl model folder into `output_folder` as a plain `nnUNetTrainer` model.
+
+    Checkpoints get trainer_name 'nnUNetTrainer' and lose the 'nnunet_cl' entry (heads, queues); their
+    network weights are checked to load strictly into the stock network the plans describe. Predict with
+    `nnUNetv2_predict_from_modelfolder -m output_folder -i ... -o ...`.
+    """
+    if not isdir(model_folder):
+        raise NnUNetCLError(f"Model folder {model_folder} does not exist. Fix: train it first, or check -tr/-p/-c.")
+    missing = [f for f in _MODEL_FILES if not isfile(join(model_folder, f))]
+    if missing:
+        raise NnUNetCLError(f"{model_folder} lacks {', '.join(missing)}: it is not a complete nnU-Net model folder.")
+    plans, dataset_json = load_json(join(model_folder, "plans.json")), load_json(join(model_folder, "dataset.json"))
+    fold_dirs = [d for d in subdirs(model_folder, prefix="fold_", join=False)
+                 if folds is None or d.removeprefix("fold_") in {str(f) for f in folds}]
+    exported = 0
+    maybe_mkdir_p(output_folder)
+    for name in _MODEL_FILES:
+        shutil.copy(join(model_folder, name), join(output_folder, name))
+    for fold_dir in fold_dirs:
+        for ckpt_name in checkpoint_names:
+            src = join(model_folder, fold_dir, ckpt_name)
+            if not isfile(src):
+                continue
+            checkpoint = torch.load(src, map_location="cpu", weights_only=False)
+            configuration = checkpoint["init_args"]["configuration"]
+            net = stock_network(plans, dataset_json, configuration)
+            problems = weight_mismatches(net.state_dict(), checkpoint["network_weights"], skip_seg_layers=False)
+            extra = set(checkpoint["network_weights"]) - set(net.state_dict())
+            if problems or extra:
+                raise NnUNetCLError(f"{src} does not hold a stock nnU-Net network:\n  " + "\n  ".join(
+                    problems + [f"unexpected {k}" for k in sorted(extra)]))
+            source_trainer = checkpoint["trainer_name"]
+            checkpoint.pop("nnunet_cl", None)
+            checkpoint["trainer_name"] = "nnUNetTrainer"
+            maybe_mkdir_p(join(output_folder, fold_dir))
+            torch.save(checkpoint, join(output_folder, fold_dir, ckpt_name))
+            exported += 1
+            save_json({"exported_from": model_folder, "source_trainer": source_trainer},
+                      join(output_folder, "nnunet_cl_export.json"))
+    if exported == 0:
+        raise NnUNetCLError(f"No {', '.join(checkpoint_names)} found in the fold folders of {model_folder}.")
+    return output_folder
+
+
+def main_export():
+    parser = argparse.ArgumentParser(description="Export an nnunet-cl model so that stock nnU-Net predicts with it "
+                                                 "(nnUNetv2_predict_from_modelfolder), no extension needed.")
+    parser.add_argument("-d", required=True, help="dataset name or id")
+    parser.add_argument("-tr", required=True, help="trainer, e.g. nnUNetTrainerSimCLR")
+    parser.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-f", nargs="+", default=None, help="folds to export (default: all trained)")
+    parser.add_argument("-chk", nargs="+", default=["checkpoint_final.pth"], help="checkpoint file names")
+    parser.add_argument("-o", required=True, help="output model folder")
+    args = parser.parse_args()
+    try:
+        src = join(require_env("nnUNet_results"), dataset_name(args.d), f"{args.tr}__{args.p}__{args.c}")
+        out = export_model(src, args.o, tuple(args.chk), args.f)
+    except NnUNetCLError as e:
+        sys.exit(f"ERROR: {e}")
+    print(f"Exported {src}\n     to {out}\nPredict with stock nnU-Net: nnUNetv2_predict_from_modelfolder -m {out} "
+          f"-i INPUT -o OUTPUT{' -f ' + ' '.join(args.f) if args.f else ''}")

@@ -1,0 +1,16 @@
+"""`nnUNetv2_cl_ext_trainer_path`: the folder nnU-Net's nnUNet_extTrainer must point at."""
+import importlib.util
+import os
+
+
+def ext_trainer_path() -> str:
+    """Folder of the shim that re-exports nnunet-cl's trainers, for editable and regular installs alike."""
+    spec = importlib.util.find_spec("nnunet_cl_trainers")  # locates without importing torch or nnU-Net
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nnunet_cl_trainers is not installed. Fix: pip install nnunet-cl (or pip install -e .)")
+    return os.path.join(list(spec.submodule_search_locations)[0], "ext")
+
+
+def main():
+    """Print the path; `export nnUNet_extTrainer=$(nnUNetv2_cl_ext_trainer_path)` makes -tr find our trainers."""
+    print(ext_trainer_path())

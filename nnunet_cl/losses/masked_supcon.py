@@ -1,0 +1,140 @@
+"""The one masked contrastive loss every method reuses (METHODS_SPEC §1.1 and §7.1).
+
+Every method in the package (SuperCL, PolyCL, PCLMix, DCL-Seg, SimCLR-style InfoNCE) is this loss with a
+different boolean positive mask, optionally a negative mask and optionally a separate contrast set ("keys":
+a memory queue or embeddings gathered from other ranks). Tensors in, scalar out, no hidden state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["masked_supcon", "labels_to_pos_mask"]
+
+_MODES = ("supcon", "pos_vs_negs")
+
+
+def labels_to_pos_mask(labels_row: torch.Tensor, labels_col: torch.Tensor | None = None) -> torch.Tensor:
+    """Same-label mask: ``mask[i, j] = labels_row[i] == labels_col[j]``, shape (N, M), dtype bool.
+
+    ``labels_col`` defaults to ``labels_row`` (square mask). The diagonal is left True; ``masked_supcon``
+    removes it itself when no separate keys are given.
+    """
+    if labels_col is None:
+        labels_col = labels_row
+    if labels_row.dim() != 1 or labels_col.dim() != 1:
+        raise ValueError(f"labels must be 1-D, got {tuple(labels_row.shape)} and {tuple(labels_col.shape)}")
+    return labels_row[:, None] == labels_col[None, :]
+
+
+def masked_supcon(
+    z: torch.Tensor,
+    pos_mask: torch.Tensor,
+    temperature: float = 0.1,
+    base_temperature: float | None = None,
+    neg_mask: torch.Tensor | None = None,
+    mode: str = "supcon",
+    keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Masked supervised contrastive loss on L2-normalised embeddings.
+
+    Anchors are the rows of ``z`` (N, D). Contrast set K = ``keys`` (M, D) if given, else ``z`` itself
+    (M = N). Both are L2-normalised here and s_ia = <z_i, k_a> / tau.
+
+    P_i = {a : pos_mask[i, a]},  N_i = {a : neg_mask[i, a]} (default: every a not in P_i),
+    and when ``keys is None`` the anchor itself (a = i) is removed from both sets. With explicit keys no
+    self-exclusion is done: pass masks that exclude the anchor's own key where it is in the set. A pair
+    marked in both masks counts as positive only.
+
+    mode "supcon" (Khosla et al. 2020; the denominator runs over A_i = P_i ∪ N_i, i.e. all a != i by default):
+
+        l_i = -(1/|P_i|) sum_{p in P_i} [ s_ip - log sum_{a in A_i} exp(s_ia) ]
+
+    mode "pos_vs_negs" (PCLMix: each positive against the negatives only):
+
+        l_i = -(1/|P_i|) sum_{p in P_i} log( exp(s_ip) / (exp(s_ip) + sum_{n in N_i} exp(s_in)) )
+
+    loss = (tau / base_tau) * mean_{i : |P_i| > 0} l_i   (factor 1 when ``base_temperature`` is None).
+
+    Rows with no positive are left out of the mean; if no row has one the result is a zero that is still
+    attached to the graph (gradient zero, never NaN). Everything is computed in float32 (float64 stays
+    float64), with autocast disabled, so fp16/bf16 inputs give a finite result.
+
+    Args:
+        z: (N, D) anchor embeddings (need not be normalised).
+        pos_mask: (N, M) bool positive mask; with ``keys is None`` M = N and the diagonal is ignored.
+        temperature: tau.
+        base_temperature: tau_b; the loss is scaled by tau / tau_b (SupContrast convention).
+        neg_mask: optional (N, M) bool negative mask; pairs in neither mask are ignored entirely.
+        mode: "supcon" or "pos_vs_negs".
+        keys: optional (M, D) contrast set (queue, gathered embeddings).
+
+    Returns:
+        Scalar loss tensor (float32, or float64 for float64 inputs).
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if z.dim() != 2:
+        raise ValueError(f"z must be (N, D), got shape {tuple(z.shape)}")
+    if keys is not None and (keys.dim() != 2 or keys.shape[1] != z.shape[1]):
+        raise ValueError(f"keys must be (M, {z.shape[1]}), got shape {tuple(keys.shape)}")
+    n = z.shape[0]
+    m = n if keys is None else keys.shape[0]
+    if tuple(pos_mask.shape) != (n, m):
+        raise ValueError(f"pos_mask must be ({n}, {m}), got {tuple(pos_mask.shape)}")
+    if neg_mask is not None and tuple(neg_mask.shape) != (n, m):
+        raise ValueError(f"neg_mask must be ({n}, {m}), got {tuple(neg_mask.shape)}")
+
+    # Half precision overflows in exp(s/tau) for small tau and loses the small differences that matter
+    # in log-softmax, so upcast; autocast would silently downcast the matmul again, hence disable it.
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        anchors = F.normalize(z.to(dtype), dim=1)
+        contrast = anchors if keys is None else F.normalize(keys.to(device=z.device, dtype=dtype), dim=1)
+        logits = anchors @ contrast.T / temperature  # (N, M)
+
+        pos = pos_mask.to(device=z.device, dtype=torch.bool)
+        if keys is None:
+            not_self = ~torch.eye(n, dtype=torch.bool, device=z.device)
+            pos = pos & not_self
+        if neg_mask is None:
+            neg = ~pos
+            if keys is None:
+                neg = neg & not_self
+        else:
+            neg = neg_mask.to(device=z.device, dtype=torch.bool) & ~pos
+            if keys is None:
+                neg = neg & not_self
+
+        if mode == "supcon":
+            log_prob = logits - _masked_logsumexp(logits, pos | neg)[:, None]
+            pair_loss = -log_prob
+        else:
+            # -log(e^s_ip / (e^s_ip + S_neg)) = softplus(log S_neg - s_ip); log S_neg = -inf without negatives
+            pair_loss = F.softplus(_masked_logsumexp(logits, neg)[:, None] - logits)
+
+        n_pos = pos.sum(dim=1)
+        # masked_fill (not multiply) so that no 0 * inf can reach the sum
+        row_loss = pair_loss.masked_fill(~pos, 0.0).sum(dim=1) / n_pos.clamp_min(1)
+        has_pos = n_pos > 0
+        # Mean over rows with positives without a data-dependent branch (no host sync on GPU); with no such
+        # row this is 0 * (graph), i.e. a connected zero.
+        loss = row_loss.masked_fill(~has_pos, 0.0).sum() / has_pos.sum().clamp_min(1)
+    if base_temperature is not None:
+        loss = loss * (temperature / base_temperature)
+    return loss
+
+
+def _masked_logsumexp(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Row-wise log sum_{a: keep[i, a]} exp(logits[i, a]); -inf for rows with nothing kept.
+
+    torch.logsumexp subtracts the row max internally. Empty rows are evaluated on a finite dummy and then
+    replaced by -inf through ``where``, because logsumexp over all -inf has a NaN gradient.
+    """
+    has_any = keep.any(dim=1)
+    masked = logits.masked_fill(~keep, float("-inf"))
+    masked = masked.masked_fill(~has_any[:, None], 0.0)
+    lse = torch.logsumexp(masked, dim=1)
+    return torch.where(has_any, lse, torch.full_like(lse, float("-inf")))
