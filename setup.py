@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytorch-metric-learning"],
-        "sam": [],
+        "sam": ["segment-anything", "sam2"],
     },
     entry_points={
         "console_scripts": [
@@ -36,6 +36,9 @@ setup(
             "nnUNetv2_cl_limited_split=nnunet_cl.splits:main_limited_split",
             "nnUNetv2_cl_export=nnunet_cl.export:main_export",
             "nnUNetv2_cl_check_pretrained=nnunet_cl.checkpoints:main_check_pretrained",
+            "nnUNetv2_cl_demo=nnunet_cl.demo:main",
+            "nnUNetv2_cl_sam_refine=nnunet_cl.polycl.sam_refine:main_sam_refine",
+            "nnUNetv2_cl_sam2_propagate=nnunet_cl.polycl.sam2_propagate:main_sam2_propagate",
         ],
     },
 )

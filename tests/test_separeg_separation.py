@@ -1,6 +1,5 @@
 """SepaReg separation (SIS), region cache and PNG, on a small synthetic CT-like phantom."""
 import os
-import warnings
 
 import cc3d
 import numpy as np

@@ -6,3 +6,5 @@ would break nnU-Net's whole trainer lookup.
 from nnunet_cl_trainers.base import nnUNetTrainerCLBase
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLR, nnUNetTrainerSimCLRPretrain
 from nnunet_cl_trainers.variants import *  # noqa: F401,F403
+from nnunet_cl_trainers.demo import (nnUNetTrainer_clDemo, nnUNetTrainer_clDemoQuick, nnUNetTrainerSimCLR_clDemo,
+                                     nnUNetTrainerSimCLR_clDemoQuick)

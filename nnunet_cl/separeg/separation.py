@@ -206,11 +206,10 @@ def supervoxels(image: np.ndarray, mask: np.ndarray, n_segments: int = 64, compa
     skimage's SLIC with a mask does not always return connected labels (on a real abdominal CT, 65 labels
     were 270 6-connected pieces), so labels are split into connected components (``connectivity`` 26,
     18 or 6; the body mask is one 26-connected component, so with 26 every fragment has a neighbour to
-    join) and every component
-    smaller than ``min_fragment_fraction`` x the expected supervoxel size (body voxels / n_segments) is
-    merged into the neighbour it touches most -- once on the coarse grid and once after upsampling, where
-    voxels outside ``mask`` are set to 0 and body voxels the coarse mask missed take the nearest label.
-    Labels are renumbered 1..K.
+    join) and every component smaller than ``min_fragment_fraction`` x the expected supervoxel size
+    (body voxels / n_segments) is merged into the neighbour it touches most -- once on the coarse grid
+    and once after upsampling, where voxels outside ``mask`` are set to 0 and body voxels the coarse mask
+    missed take the nearest label. Labels are renumbered 1..K.
 
     Returns:
         int32 array of the image's shape, 0 outside ``mask`` and 1..K inside, every label one connected

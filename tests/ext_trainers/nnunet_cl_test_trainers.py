@@ -1,7 +1,9 @@
 """Tiny-schedule trainers for the end-to-end tests (found through a second nnUNet_extTrainer path)."""
 import torch
 
-from nnunet_cl_trainers import nnUNetTrainerSimCLR
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_cl_trainers import nnUNetTrainerSimCLR, nnUNetTrainerSimCLRPretrain
 
 
 class nnUNetTrainerSimCLR_test(nnUNetTrainerSimCLR):
@@ -11,3 +13,19 @@ class nnUNetTrainerSimCLR_test(nnUNetTrainerSimCLR):
         self.pretrain_epochs, self.pretrain_iterations_per_epoch = 2, 3
         self.finetune_epochs, self.finetune_iterations_per_epoch = 2, 3
         self.finetune_val_iterations_per_epoch = 2
+
+
+class nnUNetTrainerSimCLRPretrain_test(nnUNetTrainerSimCLRPretrain):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.pretrain_epochs, self.pretrain_iterations_per_epoch = 2, 3
+
+
+class nnUNetTrainer_clTest(nnUNetTrainer):
+    """Plain nnU-Net with the fine-tuning schedule of the tiny trainers above."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 2

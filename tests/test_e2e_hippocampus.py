@@ -1,0 +1,177 @@
+"""End to end through the real command lines on real MRI (MSD Task04 hippocampus, ../shared/data).
+
+8 labeled cases + 20 other hippocampus images as the unlabeled pool; nnU-Net plans and preprocesses; the
+staged SimCLR trainer pretrains and fine-tunes with tiny epochs on -device cpu; nnUNetv2_predict works through
+the extension; the exported model predicts identically with stock nnU-Net (extension made unimportable);
+-pretrained_weights and --c round trips. Tiny schedules live in tests/ext_trainers (a second
+nnUNet_extTrainer path, as a user's own variants would).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_cl.ext_path import ext_trainer_path
+
+TESTS = Path(__file__).resolve().parent
+DATASET = "Dataset905_HippoCL"
+TRAINER = "nnUNetTrainerSimCLR_test"
+
+
+def run(cmd, env, check=True, timeout=900):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def hippo(tmp_path_factory, shared_data):
+    root = tmp_path_factory.mktemp("e2e")
+    env = dict(os.environ)
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / name).mkdir()
+        env[name] = str(root / name)
+    env.update(nnUNet_extTrainer=os.pathsep.join([ext_trainer_path(), str(TESTS / "ext_trainers")]),
+               nnUNet_compile="0", nnUNet_n_proc_DA="1")
+    run(["nnUNetv2_convert_MSD_dataset", "-i", str(shared_data / "Task04_Hippocampus"), "-np", "1"], env)
+    msd = root / "nnUNet_raw" / "Dataset004_Hippocampus"
+    raw = root / "nnUNet_raw" / DATASET
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    cases = sorted(p.name[:-12] for p in (msd / "imagesTr").glob("*_0000.nii.gz"))
+    for c in cases[:8]:
+        shutil.copy(msd / "imagesTr" / f"{c}_0000.nii.gz", raw / "imagesTr")
+        shutil.copy(msd / "labelsTr" / f"{c}.nii.gz", raw / "labelsTr")
+    unlabeled, test_in = root / "unlabeled", root / "test_in"
+    unlabeled.mkdir(), test_in.mkdir()
+    for c in cases[8:28]:
+        shutil.copy(msd / "imagesTr" / f"{c}_0000.nii.gz", unlabeled / f"{c}.nii.gz")
+    for c in cases[28:30]:  # two held-out images to predict
+        shutil.copy(msd / "imagesTr" / f"{c}_0000.nii.gz", test_in)
+    dataset_json = json.loads((msd / "dataset.json").read_text())
+    dataset_json["numTraining"] = 8
+    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    shutil.rmtree(msd)
+    run(["nnUNetv2_plan_and_preprocess", "-d", "905", "-c", "3d_fullres", "-np", "1"], env)
+    return {"root": root, "env": env, "unlabeled": unlabeled, "test_in": test_in}
+
+
+def model_folder(hippo, trainer):
+    return hippo["root"] / "nnUNet_results" / DATASET / f"{trainer}__nnUNetPlans__3d_fullres"
+
+
+def test_pool_ingestion_cli(hippo):
+    out = run(["nnUNetv2_cl_add_unlabeled", "-d", "905", "-i", str(hippo["unlabeled"])], hippo["env"]).stdout
+    pool = json.loads((hippo["root"] / "nnUNet_preprocessed" / DATASET / "nnunet_cl_pool" / "pool.json").read_text())
+    assert len(pool) == 20, out
+    again = run(["nnUNetv2_cl_add_unlabeled", "-d", "905", "-i", str(hippo["unlabeled"])], hippo["env"]).stdout
+    assert "Added: 0" in again
+
+
+def test_limited_split_cli(hippo):
+    run(["nnUNetv2_cl_limited_split", "-d", "905", "-k", "4", "--seed", "0"], hippo["env"])
+    splits = json.loads((hippo["root"] / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())
+    assert all(len(s["train"]) == 4 and len(s["val"]) >= 1 for s in splits)
+
+
+@pytest.fixture(scope="module")
+def staged_run(hippo):
+    test_pool_ingestion_cli(hippo)  # the pool must exist before pretraining
+    test_limited_split_cli(hippo)
+    proc = run(["nnUNetv2_train", "905", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"], hippo["env"])
+    return proc
+
+
+def test_staged_training_logs_and_checkpoints(hippo, staged_run):
+    fold = model_folder(hippo, TRAINER) / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file() and (fold / "checkpoint_pretrained.pth").is_file()
+    assert (fold / "progress.png").is_file()
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == TRAINER and ckpt["current_epoch"] == 4
+    assert set(ckpt["nnunet_cl"]["cl_modules"]) >= {"projector.0.weight", "local.0.weight"}
+    assert not any(k.startswith(("projector", "local")) for k in ckpt["network_weights"])
+    log = ckpt["logging"]
+    infonce = np.array(log["cl_infonce"], dtype=float)
+    assert np.isfinite(infonce[:2]).all() and np.isnan(infonce[2:]).all()  # pretraining epochs only
+    assert np.isnan(log["mean_fg_dice"][:2]).all() and np.isfinite(log["mean_fg_dice"][2:]).all()
+    assert np.isfinite(log["ema_fg_dice"][2:]).all()
+    assert "Stage switch at epoch 2" in staged_run.stdout
+    assert "pool: 26 cases" in staged_run.stdout  # 20 ingested + the 6 labeled-dataset images outside validation
+
+
+def test_predict_export_and_stock_predict_identical(hippo, staged_run, tmp_path):
+    env = hippo["env"]
+    ours = tmp_path / "ours"
+    run(["nnUNetv2_predict", "-i", str(hippo["test_in"]), "-o", str(ours), "-d", "905", "-c", "3d_fullres",
+         "-tr", TRAINER, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    exported = tmp_path / "exported"
+    run(["nnUNetv2_cl_export", "-d", "905", "-tr", TRAINER, "-c", "3d_fullres", "-f", "0", "-o", str(exported)], env)
+    # stock nnU-Net: no extTrainer variable, and importing the extension fails loudly
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    for mod in ("nnunet_cl", "nnunet_cl_trainers"):
+        (blocker / f"{mod}.py").write_text("raise ImportError('extension must not be needed')\n")
+    stock_env = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}
+    stock_env["PYTHONPATH"] = str(blocker)
+    stock = tmp_path / "stock"
+    run(["nnUNetv2_predict_from_modelfolder", "-i", str(hippo["test_in"]), "-o", str(stock), "-m", str(exported),
+         "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], stock_env)
+    files = sorted(p.name for p in ours.glob("*.nii.gz"))
+    assert len(files) == 2 and files == sorted(p.name for p in stock.glob("*.nii.gz"))
+    for name in files:
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(ours / name)))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(stock / name)))
+        assert np.array_equal(a, b)
+    # without the variable, stock nnU-Net cannot find our trainer: that is why export exists
+    proc = run(["nnUNetv2_predict", "-i", str(hippo["test_in"]), "-o", str(tmp_path / "x"), "-d", "905",
+                "-c", "3d_fullres", "-tr", TRAINER, "-f", "0", "-device", "cpu"], stock_env, check=False)
+    assert proc.returncode != 0
+
+
+def test_pretrained_weights_round_trip(hippo, staged_run):
+    env = hippo["env"]
+    run(["nnUNetv2_train", "905", "3d_fullres", "0", "-tr", "nnUNetTrainerSimCLRPretrain_test", "-device", "cpu"],
+        env)
+    ckpt_file = model_folder(hippo, "nnUNetTrainerSimCLRPretrain_test") / "fold_0" / "checkpoint_final.pth"
+    ok = run(["nnUNetv2_cl_check_pretrained", "-d", "905", "-c", "3d_fullres", "-pretrained_weights",
+              str(ckpt_file)], env)
+    assert ok.stdout.startswith("OK")
+    proc = run(["nnUNetv2_train", "905", "3d_fullres", "0", "-tr", "nnUNetTrainer_clTest", "-device", "cpu",
+                "-pretrained_weights", str(ckpt_file)], env)
+    assert "Loading pretrained weights from file" in proc.stdout
+    # a damaged checkpoint is reported key by key, not with nnU-Net's first-key assertion
+    bad = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    first = next(k for k in bad["network_weights"] if "encoder" in k and k.endswith("weight"))
+    bad["network_weights"][first] = torch.zeros(3, 3)
+    bad["network_weights"].pop(next(k for k in bad["network_weights"] if "decoder.stages" in k))
+    bad_file = hippo["root"] / "bad.pth"
+    torch.save(bad, bad_file)
+    proc = run(["nnUNetv2_cl_check_pretrained", "-d", "905", "-c", "3d_fullres", "-pretrained_weights",
+                str(bad_file)], env, check=False)
+    assert proc.returncode != 0 and "2 mismatches" in proc.stdout and first in proc.stdout
+    assert "Fix:" in proc.stderr
+
+
+def test_resume_with_c_continues_into_finetuning(hippo, staged_run):
+    fold = model_folder(hippo, TRAINER) / "fold_0"
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    for f in ("checkpoint_final.pth", "checkpoint_best.pth"):
+        (fold / f).unlink()
+    shutil.copy(fold / "checkpoint_pretrained.pth", fold / "checkpoint_latest.pth")  # as left after a crash
+    proc = run(["nnUNetv2_train", "905", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--c"], hippo["env"])
+    assert "Epoch 2 (finetune epoch 0)" in proc.stdout and "Epoch 0 " not in proc.stdout
+    resumed = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert resumed["current_epoch"] == 4
+    # pretraining history survived the resume; the heads are those of the pretraining checkpoint
+    assert resumed["logging"]["cl_infonce"][:2] == final["logging"]["cl_infonce"][:2]
+    pre = torch.load(fold / "checkpoint_pretrained.pth", map_location="cpu", weights_only=False)
+    for k, v in pre["nnunet_cl"]["cl_modules"].items():
+        assert torch.equal(v, resumed["nnunet_cl"]["cl_modules"][k])
