@@ -102,6 +102,7 @@ def main(argv=None):
     env["nnUNet_extTrainer"] = ext_trainer_path()
     env.setdefault("nnUNet_compile", "0")
     env.setdefault("nnUNet_n_proc_DA", "2")
+    env.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net spawns 8 export workers by default: slow on 2 cores
     log = work / "demo_log.txt"
     suffix = "Quick" if args.quick else ""
     print(f"nnunet-cl demo in {work} (command output in {log})", flush=True)

@@ -8,7 +8,7 @@ treats vector pixels as channels, and raises `ValueError` with a short reason in
 """
 import os
 import re
-from os.path import abspath, basename, isdir, join, relpath
+from os.path import abspath, basename, join, relpath
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,10 +36,15 @@ def _dicom_series(folder: str) -> list[tuple[str, list[str]]]:
     """(series UID, sorted slice files) for every series GDCM finds directly in `folder`."""
     reader = sitk.ImageSeriesReader
     out = []
-    for uid in reader.GetGDCMSeriesIDs(folder) or ():
-        files = list(reader.GetGDCMSeriesFileNames(folder, uid))
-        if files:
-            out.append((uid, files))
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns "No Series were found" for every plain folder
+    try:
+        for uid in reader.GetGDCMSeriesIDs(folder) or ():
+            files = list(reader.GetGDCMSeriesFileNames(folder, uid))
+            if files:
+                out.append((uid, files))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     return out
 
 

@@ -9,6 +9,11 @@ like nnU-Net stores preprocessed cases::
         pool.json                      {case_id: {"source", "shape", "spacing", ...}}
         <data_identifier>/<case>.b2nd, <case>_seg.b2nd, <case>.pkl
 
+In pool.json, "source" is the absolute path of the file or DICOM folder, "shape" and "spacing" are the source
+image's (z, y, x, nnU-Net's properties['spacing']), and "preprocessed" maps each data identifier to the
+stored shape and target spacing (in the plans' transposed axis order). Case ids are `pool_<file stem>`,
+sanitised and made unique; a source is recognised on re-runs by its absolute path.
+
 Pool cases carry no labels: their seg is the nonzero mask crop_to_nonzero makes without a segmentation
 (-1 outside, 0 inside) and properties['class_locations'] is {}.
 
@@ -108,8 +113,9 @@ def list_pool(preprocessed_dataset_folder: str, data_identifier: str, fold: int 
     """The self-supervised pool for one configuration and fold: labeled images minus validation, plus ingested cases.
 
     Returns (folder, identifier) pairs; load a case with
-    `nnUNetDatasetBlosc2(folder, [identifier]).load_case(identifier)` and use only its data. Raises
-    NnUNetCLError when the pool is empty.
+    `nnUNetDatasetBlosc2(folder, [identifier]).load_case(identifier)` and use only its data: the seg of a
+    labeled member holds real labels (possibly withheld by a limited split), so self-supervised code must
+    ignore it. Raises NnUNetCLError when the pool is empty.
     """
     members = labeled_pool_members(preprocessed_dataset_folder, data_identifier, fold) + \
         pool_identifiers(preprocessed_dataset_folder, data_identifier)

@@ -8,7 +8,6 @@ its foreground mean/std), exactly as nnU-Net preprocesses an image.
 """
 import json
 import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -91,7 +90,7 @@ def test_target_spacing_and_ct_normalisation(ct_dataset):
     lo, hi, mean, std = stats["percentile_00_5"], stats["percentile_99_5"], stats["mean"], stats["std"]
     manifest = load_manifest(str(folder))
     pool_folder = pool_case_folder(str(folder), cm.data_identifier)
-    extents, shapes = [], []
+    shapes = []
     for case_id in _expected_ids(ct_dataset):
         data, seg, props = _load(pool_folder, case_id)
         assert manifest[case_id]["preprocessed"][cm.data_identifier]["spacing"] == cm.spacing
@@ -116,7 +115,6 @@ def test_target_spacing_and_ct_normalisation(ct_dataset):
         assert abs(data.mean() - expected.mean()) < 0.05 * expected.std(), case_id
         assert abs(np.median(data) - np.median(expected)) < 0.1 * expected.std(), case_id
         assert set(np.unique(seg)) <= {-1, 0} and props["class_locations"] == {}
-        extents.append(tuple(np.array(cropped) * spacing_t))
         shapes.append(data.shape[1:])
     assert len(set(shapes)) == len(shapes)  # different fields of view stay different
 

@@ -40,7 +40,7 @@ def hippo(tmp_path_factory, shared_data):
         (root / name).mkdir()
         env[name] = str(root / name)
     env.update(nnUNet_extTrainer=os.pathsep.join([ext_trainer_path(), str(TESTS / "ext_trainers")]),
-               nnUNet_compile="0", nnUNet_n_proc_DA="1")
+               nnUNet_compile="0", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1")
     run(["nnUNetv2_convert_MSD_dataset", "-i", str(shared_data / "Task04_Hippocampus"), "-np", "1"], env)
     msd = root / "nnUNet_raw" / "Dataset004_Hippocampus"
     raw = root / "nnUNet_raw" / DATASET

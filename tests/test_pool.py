@@ -216,11 +216,9 @@ def test_list_pool(tiny, ingested):
     folder = str(folder)
     di = cm.data_identifier
     labeled = [f"tiny_{i:03d}" for i in range(5)]
-    splits = json.loads((Path(folder) / "splits_final.json").read_text()) if (
-        Path(folder) / "splits_final.json").exists() else None
-    from nnunet_cl.splits import current_splits
-    val0 = current_splits(folder)[0]["val"]
-    assert splits is None or splits[0]["val"] == val0
+    assert not (Path(folder) / "splits_final.json").exists()  # nnU-Net's default split: what do_split would write
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    val0 = [str(v) for v in generate_crossval_split(labeled, seed=12345, n_splits=5)[0]["val"]]
 
     members = list_pool(folder, di, 0)
     ids = [i for _, i in members]
