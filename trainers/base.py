@@ -7,7 +7,8 @@ the checkpoint key 'nnunet_cl', which nnU-Net's predictor and `-pretrained_weigh
 
 A method plugs in through these hooks (see docs/architecture.md):
   - build_cl_modules()            -> nn.ModuleDict of heads/teachers (outside self.network)
-  - pretrain_losses(batch)        -> {term: scalar} on a two-view pool batch (pretraining methods)
+  - get_pretrain_dataloader()     -> iterator of pretraining batches (default: two views of pool crops)
+  - pretrain_losses(batch)        -> {term: scalar} on one such batch (pretraining methods)
   - auxiliary_losses(data, output, target) -> {term: scalar} added to nnU-Net's loss (auxiliary-loss methods)
   - cl_extra_state() / load_cl_extra_state(state) for queues or anything not in cl_modules
 """
@@ -128,9 +129,11 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
     def get_dataloaders(self):
         if self.stage() == FINETUNE:
             return super().get_dataloaders()
-        return self._get_pool_dataloader(), None
+        self._pool_loader = self.get_pretrain_dataloader()
+        return self._pool_loader, None
 
-    def _get_pool_dataloader(self):
+    def get_pretrain_dataloader(self):
+        """Hook: batches for `pretrain_losses`. Default: two nnU-Net-augmented views of pool crops."""
         members = list_pool(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier,
                             self.fold)
         rotation, do_dummy_2d, initial_patch_size, mirror_axes = \
@@ -147,14 +150,12 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         self.print_to_log_file(f"Pretraining pool: {len(members)} cases, {batch_size} samples x 2 views per step")
         n_proc = get_allowed_n_proc_DA()
         if n_proc == 0:
-            self._pool_loader = SingleThreadedAugmenter(loader, None)
-        else:
-            self._pool_loader = NonDetMultiThreadedAugmenter(loader, None, n_proc, max(6, n_proc // 2), None,
-                                                             pin_memory=self.device.type == "cuda", wait_time=0.002)
-        return self._pool_loader
+            return SingleThreadedAugmenter(loader, None)
+        return NonDetMultiThreadedAugmenter(loader, None, n_proc, max(6, n_proc // 2), None,
+                                            pin_memory=self.device.type == "cuda", wait_time=0.002)
 
     def _stop_pool_loader(self):
-        if isinstance(self._pool_loader, NonDetMultiThreadedAugmenter):
+        if hasattr(self._pool_loader, "_finish"):  # nnU-Net's multi-process augmenters
             self._pool_loader._finish()
         self._pool_loader = None
 
@@ -232,15 +233,13 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         self._backward_and_step(loss)
         out = {"loss": loss.detach().cpu().numpy()}
         out.update({f"cl_{k}": v.detach().float().cpu().numpy() for k, v in terms.items()})
+        out["cl_total"] = float(sum(v.detach().float() for v in terms.values())) if terms else math.nan
         return out
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
         outputs = collate_outputs(train_outputs)
-        in_cl = self.stage() == PRETRAIN or self.finetune_needs_cl_modules
-        self._log_term("cl_total", float(np.mean(outputs["loss"])) if in_cl else math.nan)
-        for term in self.loss_terms:
-            key = f"cl_{term}"
+        for key in ["cl_total"] + [f"cl_{t}" for t in self.loss_terms]:
             self._log_term(key, float(np.mean(outputs[key])) if key in outputs else math.nan)
 
     def _log_term(self, key: str, value: float):

@@ -1,0 +1,667 @@
+"""`nnUNetv2_cl_benchmark`: does contrastive pretraining beat nnU-Net from scratch with few labels?
+
+One nnU-Net dataset is built under --work (its own nnUNet_raw, _preprocessed and _results; a user's folders
+are never touched) from SOURCE, an MSD task folder or an nnU-Net raw dataset folder:
+
+- a seeded held-out test set of --n_test cases goes to imagesTs/labelsTs: never planned, preprocessed,
+  pretrained on or trained on; every other case is a training case;
+- a fixed validation set of --n_val training cases, the same for every run and never in any training set;
+- one splits_final.json where each (k, seed) is its own fold (k cases drawn with that seed, nested across k)
+  and each seed has a ceiling fold (all non-validation training cases); the map is in benchmark_folds.json;
+- each contrastive method pretrains once, on fold 0 (empty train and val): the pool is every preprocessed
+  training image (validation images included; pretraining reads no label) plus --extra_unlabeled scans;
+- every arm fine-tunes with the same trainer `nnUNetTrainer_<schedule>`: scratch without weights, a
+  contrastive arm with `-pretrained_weights` of its pretraining, the ceiling on its ceiling fold;
+- the test set is predicted with nnUNetv2_predict and scored with nnUNetv2_evaluate_folder.
+
+Results: one JSON per run in --work/runs (a rerun skips those), results.md/.csv and dice_vs_labels.png.
+Everything the nnU-Net commands print goes to --work/benchmark_log.txt. See docs/benchmarks.md.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_cl.ext_path import ext_trainer_path
+from nnunet_cl.splits import draw_order
+
+DEFAULT_ID = 950
+CONFIG = "3d_fullres"
+BASE_PLANS = "nnUNetPlans"
+BENCH_PLANS = "nnUNetPlans_clBench"  # written only with --patch: same preprocessed data, other patch size
+SCHEDULE = "clBench"
+SCRATCH, CEILING = "scratch", "ceiling"
+# arm name -> pretraining trainer (its schedule class is '<trainer>_<schedule>'); None: no pretraining
+KNOWN_ARMS = {SCRATCH: None, "simclr": "nnUNetTrainerSimCLRPretrain", "separeg": "nnUNetTrainerSepaRegPretrain",
+              "polycl": "nnUNetTrainerPolyCLPretrain", CEILING: None}
+DEFAULT_ARMS = list(KNOWN_ARMS)
+PRETRAIN_KEY, PRETRAIN_FOLD = "pretrain", 0
+STATE_FILE, FOLDS_FILE, LOG_FILE, LOCK_FILE = "benchmark.json", "benchmark_folds.json", "benchmark_log.txt", ".lock"
+# settings that define the dataset and its splits: a rerun in the same --work must not change them
+FIXED_SETTINGS = ("source", "labels_folder", "dataset_json", "dataset_id", "name", "n_test", "n_val", "split_seed",
+                  "patch")
+
+
+class BenchmarkError(RuntimeError):
+    """A user-facing error: the message says what is wrong and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# pure pieces (tested directly)
+
+def split_cases(cases: list[str], n_test: int, n_val: int, seed: int) -> dict:
+    """Seeded partition of the labeled cases: {'test', 'val', 'train'} (train = every case not test or val)."""
+    cases = sorted(cases)
+    if len(set(cases)) != len(cases):
+        raise BenchmarkError("duplicate case identifiers in the source")
+    if n_test < 1 or n_val < 1:
+        raise BenchmarkError(f"--n_test and --n_val must be at least 1 (got {n_test}, {n_val})")
+    if n_test + n_val + 1 > len(cases):
+        raise BenchmarkError(f"{len(cases)} labeled cases cannot hold {n_test} test + {n_val} validation cases and a "
+                             f"training set. Fix: lower --n_test / --n_val.")
+    order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
+    return {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
+            "train": sorted(order[n_test + n_val:])}
+
+
+def fold_key(kind: str, k, seed: int) -> str:
+    return f"{kind}:k={k}:seed={seed}"
+
+
+def build_folds(train: list[str], val: list[str], ks: list[int], seeds: list[int], existing: list[dict] = ()) -> list[dict]:
+    """Fold list for splits_final.json: the pretraining fold, one fold per (k, seed), one ceiling fold per seed.
+
+    Fold 0 is the pretraining fold, with empty train and val: `nnunet_cl.pool.list_pool` excludes only a fold's
+    val cases, so its pool is every preprocessed training image plus the ingested scans (what fold 'all' gives),
+    and a method that reads organ presence of "the fold's labeled training cases" (PolyCL O/M, its crop
+    balancing) gets none: pretraining sees no label.
+
+    Folds already in `existing` (an earlier invocation) keep their index, new ones are appended, so finished runs
+    stay valid when k or seeds are added later. For a seed, the k-draws are prefixes of one seeded order of the
+    training cases (draw_order, fold 0): the k=2 set is inside the k=5 set. Validation is `val` for every fold.
+    """
+    if set(train) & set(val):
+        raise BenchmarkError("validation cases inside the training candidates")
+    too_big = [k for k in ks if k > len(train) or k < 1]
+    if too_big:
+        raise BenchmarkError(f"k={too_big} impossible with {len(train)} training cases (outside test and validation). "
+                             f"Fix: smaller --k, or lower --n_test/--n_val.")
+    folds = [dict(f) for f in existing] or [{"key": PRETRAIN_KEY, "kind": PRETRAIN_KEY, "k": 0, "seed": None,
+                                               "fold": PRETRAIN_FOLD, "train": []}]
+    index = {f["key"]: f for f in folds}
+    if index.get(PRETRAIN_KEY, {}).get("fold") != PRETRAIN_FOLD:
+        raise BenchmarkError(f"{FOLDS_FILE} has no pretraining fold {PRETRAIN_FOLD}. Fix: use a new --work.")
+    wanted = []
+    for seed in seeds:
+        order = draw_order(train, seed, 0)
+        for k in ks:
+            wanted.append({"key": fold_key("k", k, seed), "kind": "k", "k": int(k), "seed": int(seed),
+                           "train": order[:k]})
+        wanted.append({"key": fold_key(CEILING, "all", seed), "kind": CEILING, "k": len(train), "seed": int(seed),
+                       "train": sorted(train)})
+    for w in wanted:
+        old = index.get(w["key"])
+        if old is None:
+            w["fold"] = len(folds)
+            folds.append(w)
+            index[w["key"]] = w
+        elif old["train"] != w["train"]:
+            raise BenchmarkError(f"fold {old['fold']} ({w['key']}) in {FOLDS_FILE} trains on other cases than this "
+                                 f"draw gives; the work folder was made with other settings. Fix: use a new --work.")
+    for f in folds:
+        f["val"] = [] if f["kind"] == PRETRAIN_KEY else list(val)
+    return folds
+
+
+def splits_from_folds(folds: list[dict]) -> list[dict]:
+    """splits_final.json content: a plain list of {'train', 'val'}, fold i at index i."""
+    by_index = sorted(folds, key=lambda f: f["fold"])
+    assert [f["fold"] for f in by_index] == list(range(len(by_index)))
+    return [{"train": list(f["train"]), "val": list(f["val"])} for f in by_index]
+
+
+def parse_arms(names: list[str]) -> list[tuple[str, str | None]]:
+    """[(arm, pretraining trainer or None)]; 'name=nnUNetTrainerXPretrain' adds an arm of your own."""
+    arms = []
+    for item in names:
+        name, _, trainer = item.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise BenchmarkError(f"arm name {name!r}: use letters, digits, _ and - only")
+        if trainer:
+            if name in (SCRATCH, CEILING):
+                raise BenchmarkError(f"{name} has no pretraining trainer")
+            arms.append((name, trainer))
+        elif name in KNOWN_ARMS:
+            arms.append((name, KNOWN_ARMS[name]))
+        else:
+            raise BenchmarkError(f"unknown arm {name!r}. Known: {', '.join(KNOWN_ARMS)}; or give your own as "
+                                 f"NAME=nnUNetTrainerXPretrain (its schedule class NAME_<schedule> must exist).")
+    if len({a for a, _ in arms}) != len(arms):
+        raise BenchmarkError("an arm is listed twice")
+    return arms
+
+
+def run_id(arm: str, fold: dict) -> str:
+    return f"{arm}__k{'all' if fold['kind'] == CEILING else fold['k']}__seed{fold['seed']}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the orchestration
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(args.work).resolve()
+        self.t0 = time.time()
+        self.log = self.work / LOG_FILE
+        self.runs = self.work / "runs"
+        self.failures: list[str] = []
+
+    # ---------------------------------------------------------------- output
+    def say(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')} +{_fmt(time.time() - self.t0)}] {msg}"
+        print(line, flush=True)
+        with open(self.log, "a") as f:
+            f.write(line + "\n")
+
+    def run(self, cmd: list[str], env: dict, what: str) -> tuple[float, str]:
+        """Run one command, its output appended to the log; (seconds, output). Raises BenchmarkError on failure."""
+        self.say(f"{what}: {' '.join(cmd)}")
+        t = time.time()
+        out = []
+        with open(self.log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    errors="replace")
+            for line in proc.stdout:
+                f.write(line)
+                out.append(line)
+            code = proc.wait()
+        took = time.time() - t
+        if code != 0:
+            tail = "".join(out[-25:])
+            raise BenchmarkError(f"{what} failed (exit {code}) after {_fmt(took)}: {' '.join(cmd)}\n"
+                                 f"--- last lines (all in {self.log}) ---\n{tail}")
+        self.say(f"  {what} done in {_fmt(took)}")
+        return took, "".join(out)
+
+    # ---------------------------------------------------------------- environment
+    def env(self, arm: str | None = None) -> dict:
+        env = dict(os.environ)
+        for name in ("nnUNet_raw", "nnUNet_preprocessed"):
+            env[name] = str(self.work / name)
+        # each arm has its own results root: all arms fine-tune the same trainer on the same folds
+        env["nnUNet_results"] = str(self.results_root(arm))
+        ext = [ext_trainer_path()] + [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+        env["nnUNet_extTrainer"] = os.pathsep.join(dict.fromkeys(ext))
+        env.setdefault("nnUNet_compile", "0")
+        env.setdefault("nnUNet_n_proc_DA", "2")
+        env.setdefault("nnUNet_def_n_proc", "1")  # nnU-Net spawns 8 export/evaluation workers by default
+        return env
+
+    def results_root(self, arm: str | None) -> Path:
+        return self.work / "nnUNet_results" / (arm or "_none")
+
+    # ---------------------------------------------------------------- state
+    @property
+    def dataset(self) -> str:
+        return f"Dataset{self.settings['dataset_id']:03d}_{self.settings['name']}"
+
+    @property
+    def raw_dataset(self) -> Path:
+        return self.work / "nnUNet_raw" / self.dataset
+
+    @property
+    def pre_dataset(self) -> Path:
+        return self.work / "nnUNet_preprocessed" / self.dataset
+
+    @property
+    def plans(self) -> str:
+        return BENCH_PLANS if self.settings.get("patch") else BASE_PLANS
+
+    def load_state(self) -> dict:
+        f = self.work / STATE_FILE
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    def save_state(self) -> None:
+        _save_json(self.state, self.work / STATE_FILE)
+
+    # ---------------------------------------------------------------- main flow
+    def main(self) -> int:
+        a = self.args
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.runs.mkdir(exist_ok=True)
+        with _Lock(self.work / LOCK_FILE):
+            self.state = self.load_state()
+            if a.report_only:
+                return self.report(final=True)
+            self.settings = self.resolve_settings()
+            self.say(f"nnUNetv2_cl_benchmark in {self.work} (all command output: {self.log})")
+            arms = parse_arms(a.arms)
+            self.check_trainers(arms)  # before any long step: a missing fine-tuning trainer stops here
+            self.prepare_dataset()
+            self.preprocess()
+            self.ingest_unlabeled()
+            folds = self.write_splits()
+            ks = [a.k[0]] if a.quick else a.k
+            seeds = [a.seeds[0]] if a.quick else a.seeds
+            wanted = [f for f in folds if f["kind"] != PRETRAIN_KEY and f["seed"] in seeds
+                      and (f["kind"] == CEILING or f["k"] in ks)]
+            plan = []  # (arm, pretrainer, fold), seed-major so a stopped run leaves whole seeds behind
+            for seed in seeds:
+                for fold in [f for f in wanted if f["seed"] == seed]:
+                    for arm, pre in arms:
+                        if (arm == CEILING) == (fold["kind"] == CEILING):
+                            plan.append((arm, pre, fold))
+            skipped = self.state["skipped"]
+            done = [p for p in plan if (self.runs / f"{run_id(p[0], p[2])}.json").is_file()]
+            todo = [p for p in plan if p not in done and p[0] not in skipped]
+            self.say(f"{len(plan)} runs planned ({len(arms)} arms, k={ks}, seeds={seeds}): {len(done)} finished "
+                     f"before, {len(plan) - len(done) - len(todo)} of skipped arms, {len(todo)} to do")
+            pretrained: dict[str, str | None] = {}
+            for i, (arm, pre, fold) in enumerate(todo, 1):
+                rid = run_id(arm, fold)
+                try:
+                    weights = None
+                    if pre is not None:
+                        if arm not in pretrained:
+                            pretrained[arm] = self.pretrain(arm, pre)
+                        weights = pretrained[arm]
+                        if weights is None:
+                            continue
+                    self.say(f"[{i}/{len(todo)}] {rid} (fold {fold['fold']}, {len(fold['train'])} labeled cases)")
+                    self.finetune_predict_score(arm, pre, fold, weights)
+                except BenchmarkError as e:
+                    self.failures.append(f"{rid}: {str(e).splitlines()[0]}")
+                    self.say(f"FAILED {rid}: {e}")
+                self.report(final=False)
+            return self.report(final=True)
+
+    def resolve_settings(self) -> dict:
+        a = self.args
+        old = self.state.get("settings")
+        if a.source is None:
+            if not old:
+                raise BenchmarkError(f"{self.work} holds no benchmark yet. Fix: give the dataset with -i SOURCE.")
+            settings = dict(old)
+        else:
+            source = Path(a.source).resolve()
+            if not (source / "dataset.json").is_file() and not a.dataset_json:
+                raise BenchmarkError(f"{source} has no dataset.json: give an MSD task folder or an nnU-Net raw "
+                                     f"dataset folder (imagesTr, {a.labels_folder}, dataset.json).")
+            dj_file = Path(a.dataset_json).resolve() if a.dataset_json else source / "dataset.json"
+            name = a.name or re.sub(r"[^A-Za-z0-9]", "", str(json.loads(dj_file.read_text()).get("name", ""))) \
+                or re.sub(r"[^A-Za-z0-9]", "", source.name) or "Bench"
+            settings = {"source": str(source), "labels_folder": a.labels_folder, "dataset_json": str(dj_file),
+                        "dataset_id": int(a.dataset_id), "name": name, "n_test": int(a.n_test),
+                        "n_val": int(a.n_val), "split_seed": int(a.split_seed),
+                        "patch": [int(p) for p in a.patch] if a.patch else None}
+            if old:
+                changed = [k for k in FIXED_SETTINGS if old.get(k) != settings.get(k)]
+                if changed:
+                    raise BenchmarkError(
+                        f"{self.work} was made with other settings ({', '.join(f'{k}: {old.get(k)} -> {settings.get(k)}' for k in changed)}). "
+                        f"These define the test set and the splits. Fix: rerun with the same values, or use a new --work.")
+        self.state["settings"] = settings
+        self.state.setdefault("stages", {})
+        self.save_state()
+        return settings
+
+    # ---------------------------------------------------------------- dataset
+    def prepare_dataset(self) -> None:
+        if self.state["stages"].get("dataset"):
+            return
+        s = self.settings
+        src, env = Path(s["source"]), self.env()
+        shutil.rmtree(self.raw_dataset, ignore_errors=True)  # a half-made copy from an interrupted run
+        staging = self.work / "staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        dj = json.loads(Path(s["dataset_json"]).read_text())
+        if "modality" in dj and "channel_names" not in dj:  # MSD layout: let nnU-Net convert it first
+            staging.mkdir(parents=True)
+            self.run(["nnUNetv2_convert_MSD_dataset", "-i", str(src), "-np", "1", "-overwrite_id",
+                      str(s["dataset_id"])], {**env, "nnUNet_raw": str(staging)}, "convert MSD")
+            src = next(staging.glob(f"Dataset{s['dataset_id']:03d}_*"))
+            dj = json.loads((src / "dataset.json").read_text())
+            labels_dir = src / "labelsTr"
+        else:
+            labels_dir = src / s["labels_folder"]
+        ending = dj["file_ending"]
+        channels = len(dj["channel_names"])
+        if not labels_dir.is_dir():
+            raise BenchmarkError(f"{labels_dir} does not exist. Fix: --labels_folder names the label folder.")
+        cases = sorted(p.name[:-len(ending)] for p in labels_dir.iterdir() if p.name.endswith(ending))
+        missing = [c for c in cases if not all((src / "imagesTr" / f"{c}_{ch:04d}{ending}").is_file()
+                                               for ch in range(channels))]
+        if missing:
+            raise BenchmarkError(f"{len(missing)} labeled case(s) without all {channels} image channel(s) in "
+                                 f"{src / 'imagesTr'}, e.g. {missing[:3]}")
+        split = split_cases(cases, s["n_test"], s["n_val"], s["split_seed"])
+        out = self.raw_dataset
+        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+            (out / sub).mkdir(parents=True)
+        for group, img_dir, lab_dir in ((split["train"] + split["val"], "imagesTr", "labelsTr"),
+                                        (split["test"], "imagesTs", "labelsTs")):
+            for c in group:
+                for ch in range(channels):
+                    shutil.copy(src / "imagesTr" / f"{c}_{ch:04d}{ending}", out / img_dir)
+                shutil.copy(labels_dir / f"{c}{ending}", out / lab_dir / f"{c}{ending}")
+        for key in ("dataset", "training", "test", "numTest"):  # explicit file lists would point elsewhere
+            dj.pop(key, None)
+        dj["numTraining"] = len(split["train"]) + len(split["val"])
+        (out / "dataset.json").write_text(json.dumps(dj, indent=1))
+        shutil.rmtree(staging, ignore_errors=True)
+        self.state["split"] = split
+        self.state["labels"] = {str(v): k for k, v in dj["labels"].items() if not isinstance(v, list)}
+        self.state["stages"]["dataset"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.save_state()
+        self.say(f"Dataset {out}: {len(split['train']) + len(split['val'])} training cases "
+                 f"({len(split['val'])} of them validation), {len(split['test'])} held-out test cases")
+
+    def preprocess(self) -> None:
+        s = self.settings
+        if not self.state["stages"].get("preprocess"):
+            took, _ = self.run(["nnUNetv2_plan_and_preprocess", "-d", str(s["dataset_id"]), "-c", CONFIG, "-np", "2"],
+                               self.env(), "plan and preprocess")
+            self.state["stages"]["preprocess"] = round(took, 1)
+            self.save_state()
+        if s.get("patch") and not (self.pre_dataset / f"{BENCH_PLANS}.json").is_file():
+            write_patch_plans(self.pre_dataset, s["patch"])
+            self.say(f"Plans {BENCH_PLANS}: {CONFIG} patch {s['patch']} (same preprocessed data), for every arm")
+
+    def ingest_unlabeled(self) -> None:
+        done = self.state["stages"].setdefault("unlabeled", {})
+        for folder in self.args.extra_unlabeled or []:
+            folder = str(Path(folder).resolve())
+            if folder in done:
+                continue
+            if self.state.get("pretrained"):
+                self.say(f"NOTE: {folder} joins the pool after some pretraining ran ({', '.join(self.state['pretrained'])}); "
+                         f"those keep their smaller pool unless you delete them")
+            took, _ = self.run(["nnUNetv2_cl_add_unlabeled", "-d", str(self.settings["dataset_id"]), "-i", folder,
+                                "-p", self.plans, "-c", CONFIG, "-np", "2"], self.env(), "add unlabeled")
+            done[folder] = round(took, 1)
+            self.save_state()
+
+    def write_splits(self) -> list[dict]:
+        a, split = self.args, self.state["split"]
+        folds_file = self.work / FOLDS_FILE
+        existing = json.loads(folds_file.read_text())["folds"] if folds_file.is_file() else []
+        folds = build_folds(split["train"], split["val"], a.k, a.seeds, existing)
+        splits = splits_from_folds(folds)
+        splits_file = self.pre_dataset / "splits_final.json"
+        if not splits_file.is_file() or json.loads(splits_file.read_text()) != splits:
+            _save_json(splits, splits_file)
+        _save_json({"dataset": self.dataset, "test": split["test"], "val": split["val"],
+                    "train_candidates": split["train"], "pretrain_fold": PRETRAIN_FOLD,
+                    "note": f"fold i of splits_final.json is folds[i]. Pretraining runs on fold {PRETRAIN_FOLD} (empty "
+                            "train and val): its pool is every preprocessed training image, validation included, plus "
+                            "the ingested scans, and no label. Test cases are in imagesTs only, never preprocessed.",
+                    "folds": folds}, folds_file)
+        return folds
+
+    def check_trainers(self, arms) -> None:
+        """Which trainers nnU-Net finds; arms whose pretraining schedule class is missing are skipped, with why."""
+        suffix = f"_{self.args.schedule}"
+        names = [f"nnUNetTrainer{suffix}"] + [f"{p}{suffix}" for _, p in arms if p]
+        code = ("import json, os, sys\n"
+                "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
+                "suffix, out = sys.argv[1], {}\n"
+                "for n in sys.argv[2:]:\n"
+                "    try:\n"
+                "        find(n); out[n] = None\n"
+                "    except Exception as e:\n"
+                "        why = 'nnU-Net finds no trainer of this name (nnUNet_extTrainer=%s)' % "
+                "os.environ.get('nnUNet_extTrainer')\n"
+                "        try:  # a method still being written: say why its class is missing\n"
+                "            from nnunet_cl_trainers.benchmark import UNAVAILABLE\n"
+                "            why = UNAVAILABLE.get(n[:-len(suffix)], why)\n"
+                "        except Exception:\n"
+                "            pass\n"
+                "        out[n] = why\n"
+                "print('@@TRAINERS ' + json.dumps(out))\n")
+        _, out = self.run([sys.executable, "-c", code, suffix, *names], self.env(), "look up trainers")
+        found = json.loads(out.split("@@TRAINERS ", 1)[1].splitlines()[0])
+        if found[names[0]] is not None:
+            raise BenchmarkError(f"the fine-tuning trainer {names[0]} is not found: {found[names[0]]}. Fix: add "
+                                 f"'from nnunet_cl_trainers.benchmark import *' to trainers/__init__.py, or point "
+                                 f"nnUNet_extTrainer at a folder defining it.")
+        skipped = {}
+        for arm, pre in arms:
+            if pre and found[f"{pre}_{self.args.schedule}"] is not None:
+                skipped[arm] = f"{pre}_{self.args.schedule}: {found[f'{pre}_{self.args.schedule}']}"
+                self.say(f"SKIPPED arm {arm}: {skipped[arm]}")
+        self.state["skipped"] = skipped  # recomputed every invocation: an arm whose trainer landed runs next time
+        self.save_state()
+
+    # ---------------------------------------------------------------- runs
+    def pretrain(self, arm: str, pretrainer: str) -> str | None:
+        """Pretrain once per arm on the pretraining fold; the path of its checkpoint_final.pth (None if it failed)."""
+        trainer = f"{pretrainer}_{self.args.schedule}"
+        record_file = self.runs / f"pretrain__{arm}.json"
+        folder = self.results_root(arm) / self.dataset / f"{trainer}__{self.plans}__{CONFIG}" / f"fold_{PRETRAIN_FOLD}"
+        ckpt = folder / "checkpoint_final.pth"
+        if record_file.is_file() and ckpt.is_file():
+            return str(ckpt)
+        try:
+            resumed = (folder / "checkpoint_latest.pth").is_file() and not ckpt.is_file()
+            took, out = 0.0, ""
+            if not ckpt.is_file():
+                cmd = ["nnUNetv2_train", str(self.settings["dataset_id"]), CONFIG, str(PRETRAIN_FOLD), "-tr", trainer,
+                       "-p", self.plans, "-device", "cpu"] + (["--c"] if resumed else [])
+                took, out = self.run(cmd, self.env(arm), f"pretrain {arm}")
+        except BenchmarkError as e:
+            self.failures.append(f"pretrain {arm}: {str(e).splitlines()[0]}")
+            self.say(f"FAILED pretraining of {arm}; its runs are left out. {e}")
+            return None
+        pool = re.findall(r"Pretraining pool: (\d+) cases", out)
+        _save_json({"arm": arm, "trainer": trainer, "checkpoint": str(ckpt), "wall_s": round(took, 1),
+                    "epochs_s": _epoch_seconds(ckpt), "pool_cases": int(pool[-1]) if pool else None,
+                    "resumed": resumed, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, record_file)
+        self.state.setdefault("pretrained", {})[arm] = str(ckpt)
+        self.save_state()
+        return str(ckpt)
+
+    def finetune_predict_score(self, arm: str, pretrainer: str | None, fold: dict, weights: str | None) -> None:
+        s, rid = self.settings, run_id(arm, fold)
+        trainer = f"nnUNetTrainer_{self.args.schedule}"
+        env = self.env(arm)
+        model = self.results_root(arm) / self.dataset / f"{trainer}__{self.plans}__{CONFIG}"
+        fold_dir = model / f"fold_{fold['fold']}"
+        partial_file = self.runs / "partial" / f"{rid}.json"
+        partial = json.loads(partial_file.read_text()) if partial_file.is_file() else {}
+        if not (fold_dir / "checkpoint_final.pth").is_file():
+            cmd = ["nnUNetv2_train", str(s["dataset_id"]), CONFIG, str(fold["fold"]), "-tr", trainer, "-p", self.plans,
+                   "-device", "cpu"]
+            resumed = (fold_dir / "checkpoint_latest.pth").is_file()
+            if resumed:
+                cmd.append("--c")  # nnU-Net refuses --c together with -pretrained_weights; the checkpoint has them
+            elif weights:
+                cmd += ["-pretrained_weights", weights]
+            took, out = self.run(cmd, env, f"fine-tune {rid}")
+            if weights and not resumed and "Loading pretrained weights from file" not in out:
+                raise BenchmarkError(f"{rid}: nnU-Net did not report loading {weights}")
+            partial = {"finetune_wall_s": round(took, 1), "resumed": resumed}
+            _save_json(partial, partial_file)
+        pred = self.work / "predictions" / arm / rid
+        shutil.rmtree(pred, ignore_errors=True)  # a prediction is cheap; never score a half-written one
+        cmd = ["nnUNetv2_predict", "-i", str(self.raw_dataset / "imagesTs"), "-o", str(pred), "-d",
+               str(s["dataset_id"]), "-p", self.plans, "-c", CONFIG, "-tr", trainer, "-f", str(fold["fold"]),
+               "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"]
+        if not self.args.tta:
+            cmd.append("--disable_tta")
+        t_pred, _ = self.run(cmd, env, f"predict {rid}")
+        t_eval, _ = self.run(["nnUNetv2_evaluate_folder", str(self.raw_dataset / "labelsTs"), str(pred), "-djfile",
+                              str(self.raw_dataset / "dataset.json"), "-pfile", str(model / "plans.json"), "-np", "1"],
+                             env, f"evaluate {rid}")
+        summary = json.loads((pred / "summary.json").read_text())
+        n_scored = len(summary["metric_per_case"])
+        if n_scored != len(self.state["split"]["test"]):
+            raise BenchmarkError(f"{rid}: {n_scored} test cases scored, expected {len(self.state['split']['test'])}")
+        pre_record = self.runs / f"pretrain__{arm}.json"
+        record = {
+            "arm": arm, "kind": fold["kind"], "k": fold["k"], "seed": fold["seed"], "fold": fold["fold"],
+            "train_cases": fold["train"], "n_val": len(fold["val"]), "n_test": n_scored,
+            "finetune_trainer": trainer, "plans": self.plans, "pretrain_trainer":
+                f"{pretrainer}_{self.args.schedule}" if pretrainer else None, "pretrained_weights": weights,
+            "tta": bool(self.args.tta),
+            "dice": {c: _num(v["Dice"]) for c, v in summary["mean"].items() if str(c) != "0"},
+            "mean_fg_dice": _num(summary["foreground_mean"]["Dice"]),
+            "labels": self.state.get("labels", {}),
+            "wall_s": {"pretrain": json.loads(pre_record.read_text())["wall_s"] if pretrainer and pre_record.is_file()
+                       else None, "finetune": partial.get("finetune_wall_s"), "predict": round(t_pred, 1),
+                       "evaluate": round(t_eval, 1)},
+            "finetune_epochs_s": _epoch_seconds(fold_dir / "checkpoint_final.pth"),
+            "resumed": partial.get("resumed", False), "summary_json": str(pred / "summary.json"),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        _save_json(record, self.runs / f"{rid}.json")
+        partial_file.unlink(missing_ok=True)
+        names = record["labels"]
+        per_class = ", ".join(f"{names.get(c, c)} {v:.3f}" for c, v in record["dice"].items() if v is not None)
+        self.say(f"  {rid}: mean foreground Dice {record['mean_fg_dice']:.4f} ({per_class})")
+
+    def report(self, final: bool) -> int:
+        from nnunet_cl.benchmark_report import write_report
+        skipped = self.state.get("skipped", {})
+        settings = self.state.get("settings", {})
+        paths = write_report(self.runs, self.work, skipped=skipped,
+                             title=f"{settings.get('name', 'benchmark')}: {settings.get('n_test', '?')} held-out test cases")
+        if final:
+            if paths:
+                self.say(f"Table: {paths['md']} and {paths['csv']}; plot: {paths['png']}")
+                print("\n" + Path(paths["md"]).read_text(), flush=True)
+            else:
+                self.say("No finished run yet: no table")
+            if self.failures:
+                self.say(f"{len(self.failures)} failure(s) (rerun the same command to retry them):")
+                for f in self.failures:
+                    self.say(f"  {f}")
+            self.say("finished" if not self.failures else "finished with failures")
+        return 1 if self.failures else 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# helpers
+
+def write_patch_plans(pre_dataset: Path, patch: list[int]) -> None:
+    """nnUNetPlans_clBench.json: nnUNetPlans with another 3d_fullres patch size, same network and data.
+
+    The patch must be divisible by the network's total stride on every axis; every arm trains with these plans.
+    """
+    plans = json.loads((pre_dataset / f"{BASE_PLANS}.json").read_text())
+    cfg = plans["configurations"][CONFIG]
+    strides = np.prod(np.array(cfg["architecture"]["arch_kwargs"]["strides"]), axis=0)
+    if len(patch) != len(strides) or any(p % s for p, s in zip(patch, strides)):
+        raise BenchmarkError(f"--patch {patch} must have {len(strides)} sizes, each divisible by the network's total "
+                             f"stride {strides.tolist()} (plans' patch: {cfg['patch_size']})")
+    cfg["patch_size"] = [int(p) for p in patch]
+    plans["plans_name"] = BENCH_PLANS
+    _save_json(plans, pre_dataset / f"{BENCH_PLANS}.json")
+
+
+def _epoch_seconds(checkpoint: Path) -> float | None:
+    """Sum of nnU-Net's logged epoch times (end - start) in a checkpoint: training only, no start-up/validation."""
+    try:
+        import torch
+        log = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
+        s, e = log["epoch_start_timestamps"], log["epoch_end_timestamps"]
+        return round(float(sum(b - a for a, b in zip(s, e))), 1)
+    except Exception:  # noqa: BLE001 - a missing number, not a reason to stop
+        return None
+
+
+def _num(v) -> float | None:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if np.isnan(v) else v
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _save_json(obj, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class _Lock:
+    """One benchmark process per work folder: a second one would train into the same fold folders."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        if self.path.is_file():
+            try:
+                pid = int(self.path.read_text().strip())
+                os.kill(pid, 0)
+                alive = pid != os.getpid()
+            except (ValueError, ProcessLookupError):
+                alive = False
+            except PermissionError:
+                alive = True
+            if alive:
+                raise BenchmarkError(f"another nnUNetv2_cl_benchmark (pid {pid}) works in {self.path.parent}. "
+                                     f"Fix: wait for it, or remove {self.path} if that process is gone.")
+        self.path.write_text(str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="nnUNetv2_cl_benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", dest="source", default=None,
+                   help="MSD task folder or nnU-Net raw dataset folder (imagesTr, labels folder, dataset.json); "
+                        "may be left out when --work already holds a benchmark")
+    p.add_argument("--work", required=True, help="working folder; rerun with the same folder to resume")
+    p.add_argument("--name", default=None, help="dataset name (default: from dataset.json)")
+    p.add_argument("--dataset_id", type=int, default=DEFAULT_ID, help=f"id inside --work (default {DEFAULT_ID})")
+    p.add_argument("--k", type=int, nargs="+", default=[2, 5, 10], help="labeled cases per run (default 2 5 10)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="draws of the k cases (default 0 1 2)")
+    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS,
+                   help=f"default: {' '.join(DEFAULT_ARMS)}; NAME=nnUNetTrainerXPretrain adds a method of yours")
+    p.add_argument("--n_test", type=int, default=50, help="held-out test cases (default 50)")
+    p.add_argument("--n_val", type=int, default=10, help="fixed validation cases (default 10)")
+    p.add_argument("--split_seed", type=int, default=12345, help="seed of the test/validation draw (default 12345)")
+    p.add_argument("--extra_unlabeled", nargs="+", default=None, help="folders of unlabeled scans for the pool")
+    p.add_argument("--labels_folder", default="labelsTr", help="label folder of SOURCE (default labelsTr)")
+    p.add_argument("--dataset_json", default=None, help="dataset.json to use (default SOURCE/dataset.json)")
+    p.add_argument("--quick", action="store_true", help="only the first --k and the first --seeds")
+    p.add_argument("--patch", type=int, nargs=3, default=None,
+                   help="3d_fullres patch size for every arm (a plans variant on the same preprocessed data)")
+    p.add_argument("--schedule", default=SCHEDULE,
+                   help=f"trainer suffix: nnUNetTrainer_<schedule> and <pretrainer>_<schedule> (default {SCHEDULE})")
+    p.add_argument("--tta", action="store_true", help="predict with nnU-Net's mirroring (default off, 8x cheaper)")
+    p.add_argument("--report_only", action="store_true", help="only rewrite the table and plot from --work/runs")
+    args = p.parse_args(argv)
+    try:
+        code = Bench(args).main()
+    except BenchmarkError as e:
+        raise SystemExit(f"nnUNetv2_cl_benchmark: error: {e}")
+    except KeyboardInterrupt:
+        raise SystemExit("nnUNetv2_cl_benchmark: interrupted; rerun the same command to resume")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

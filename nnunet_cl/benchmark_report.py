@@ -1,0 +1,175 @@
+"""Table and plot of `nnUNetv2_cl_benchmark` from its per-run JSON files (work/runs/*.json).
+
+- results.md / results.csv: one row per arm and k; Dice per class and mean foreground Dice as mean ± std over
+  seeds (sample std; '—' with one seed), the number of seeds, the paired difference to scratch (same k and seed,
+  so the same labeled cases), and wall times (fine-tuning, prediction per run; pretraining once per method).
+- dice_vs_labels.png: mean foreground Dice against the number of labeled cases, one line per arm, error bars
+  = std over seeds; the ceiling (all non-validation labels) as a horizontal line with its spread as a band.
+"""
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+CEILING, SCRATCH = "ceiling", "scratch"
+ORDER = ["scratch", "simclr", "separeg", "polycl"]
+
+
+def load_runs(runs_dir) -> list[dict]:
+    """Finished runs (work/runs/<arm>__k<k>__seed<s>.json); pretraining records and partial files are not runs."""
+    out = []
+    for f in sorted(Path(runs_dir).glob("*.json")):
+        if f.name.startswith("pretrain__"):
+            continue
+        out.append(json.loads(f.read_text()))
+    return out
+
+
+def load_pretraining(runs_dir) -> dict:
+    return {json.loads(f.read_text())["arm"]: json.loads(f.read_text()) for f in Path(runs_dir).glob("pretrain__*.json")}
+
+
+def _stats(values) -> tuple[float, float, int]:
+    v = np.array([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan, len(v)
+
+
+def _pm(mean: float, std: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if not math.isnan(std) else "")
+
+
+def _arm_order(arms) -> list[str]:
+    arms = set(arms)
+    return [a for a in ORDER if a in arms] + sorted(a for a in arms if a not in ORDER and a != CEILING) + \
+        ([CEILING] if CEILING in arms else [])
+
+
+def aggregate(runs: list[dict]) -> tuple[list[dict], list[str], dict]:
+    """Rows (arm, k) with per-class and mean-foreground statistics over seeds; the classes; label names."""
+    classes = sorted({c for r in runs for c in r["dice"]}, key=lambda c: (len(c), c))
+    labels = {}
+    for r in runs:
+        labels.update(r.get("labels", {}))
+    scratch = {(r["k"], r["seed"]): r["mean_fg_dice"] for r in runs if r["arm"] == SCRATCH}
+    rows = []
+    for arm in _arm_order({r["arm"] for r in runs}):
+        for k in sorted({r["k"] for r in runs if r["arm"] == arm}):
+            group = sorted((r for r in runs if r["arm"] == arm and r["k"] == k), key=lambda r: r["seed"])
+            row = {"arm": arm, "k": k, "ceiling": arm == CEILING, "seeds": [r["seed"] for r in group]}
+            row["mean_fg"] = _stats([r["mean_fg_dice"] for r in group])
+            row["per_class"] = {c: _stats([r["dice"].get(c) for r in group]) for c in classes}
+            paired = [r["mean_fg_dice"] - scratch[(k, r["seed"])] for r in group
+                      if arm not in (SCRATCH, CEILING) and (k, r["seed"]) in scratch
+                      and r["mean_fg_dice"] is not None and scratch[(k, r["seed"])] is not None]
+            row["delta_scratch"] = _stats(paired)
+            for key in ("finetune", "predict", "pretrain"):
+                row[f"{key}_s"] = _stats([r["wall_s"].get(key) for r in group])[0]
+            rows.append(row)
+    return rows, classes, labels
+
+
+def markdown_table(rows, classes, labels, skipped: dict | None = None) -> str:
+    head = ["arm", "labeled cases", "seeds"] + [f"Dice {labels.get(c, c)}" for c in classes] + \
+        ["mean foreground Dice", "Δ vs scratch (paired)", "fine-tune min", "predict min", "pretrain min (once)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        k = f"all ({r['k']})" if r["ceiling"] else str(r["k"])
+        cells = [r["arm"], k, str(len(r["seeds"]))]
+        cells += [_pm(*r["per_class"][c][:2]) for c in classes]
+        cells += [f"**{_pm(*r['mean_fg'][:2])}**", _pm(*r["delta_scratch"][:2]) if r["delta_scratch"][2] else "—"]
+        cells += [f"{v / 60:.1f}" if not math.isnan(v) else "—" for v in (r["finetune_s"], r["predict_s"],
+                                                                           r["pretrain_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = ["", "Mean ± sample std over seeds (a seed fixes which k cases are labeled). Δ vs scratch: the arm minus "
+                 "scratch on the same k and seed, averaged over seeds. Wall times are per run; pretraining runs "
+                 "once per method and serves every k and seed."]
+    for arm, why in sorted((skipped or {}).items()):
+        notes.append(f"- skipped arm **{arm}**: {why}")
+    return "\n".join(lines + notes) + "\n"
+
+
+def write_csv(rows, classes, labels, path) -> None:
+    fields = ["arm", "k", "ceiling", "n_seeds", "seeds"]
+    for c in classes:
+        fields += [f"dice_{labels.get(c, c)}_mean", f"dice_{labels.get(c, c)}_std"]
+    fields += ["mean_fg_dice_mean", "mean_fg_dice_std", "delta_vs_scratch_mean", "delta_vs_scratch_std",
+               "finetune_s_mean", "predict_s_mean", "pretrain_s"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(fields)
+        for r in rows:
+            vals = [r["arm"], r["k"], int(r["ceiling"]), len(r["seeds"]), " ".join(map(str, r["seeds"]))]
+            for c in classes:
+                vals += list(r["per_class"][c][:2])
+            vals += list(r["mean_fg"][:2]) + list(r["delta_scratch"][:2])
+            vals += [r["finetune_s"], r["predict_s"], r["pretrain_s"]]
+            w.writerow(["" if isinstance(v, float) and math.isnan(v) else
+                        (round(v, 5) if isinstance(v, float) else v) for v in vals])
+
+
+def plot(rows, path, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    curves = [r for r in rows if not r["ceiling"]]
+    arms = _arm_order({r["arm"] for r in curves})
+    ks = sorted({r["k"] for r in curves})
+    colours = plt.get_cmap("tab10")
+    spread = 0.035  # arms side by side at each k (log axis), so error bars do not hide each other
+    for i, arm in enumerate(arms):
+        pts = sorted((r for r in curves if r["arm"] == arm), key=lambda r: r["k"])
+        x = np.array([r["k"] for r in pts], dtype=float) * 10 ** (spread * (i - (len(arms) - 1) / 2))
+        y = np.array([r["mean_fg"][0] for r in pts])
+        err = np.nan_to_num(np.array([r["mean_fg"][1] for r in pts]))
+        n = sorted({len(r["seeds"]) for r in pts})
+        ax.errorbar(x, y, yerr=err, marker="o", markersize=6, linewidth=2, capsize=4, color=colours(i % 10),
+                    label=f"{arm} (seeds: {'/'.join(map(str, n))})")
+    for r in [r for r in rows if r["ceiling"]]:
+        m, s, n = r["mean_fg"]
+        ax.axhline(m, color="black", linestyle="--", linewidth=1.5,
+                   label=f"ceiling: all {r['k']} labels (seeds: {n})")
+        if not math.isnan(s):
+            ax.axhspan(m - s, m + s, color="black", alpha=0.08)
+    if ks:
+        ax.set_xscale("log")
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_xlim(min(ks) / 1.35, max(ks) * 1.35)
+    ax.set_xlabel("labeled training cases (k)", fontsize=12)
+    ax.set_ylabel("mean foreground Dice (test set)", fontsize=12)
+    ax.tick_params(labelsize=11)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title or "Dice against labeled cases", fontsize=12)
+    ax.legend(fontsize=10, loc="lower right")
+    fig.text(0.01, 0.01, "error bars / band: std over seeds", fontsize=9, color="0.35")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(runs_dir, out_dir, skipped: dict | None = None, title: str = "") -> dict | None:
+    """Write results.md, results.csv and dice_vs_labels.png into out_dir; None when no run has finished."""
+    runs = load_runs(runs_dir)
+    if not runs:
+        return None
+    rows, classes, labels = aggregate(runs)
+    pre = load_pretraining(runs_dir)
+    for r in rows:  # pretraining time from the pretraining record (the same for every k and seed)
+        if r["arm"] in pre:
+            r["pretrain_s"] = pre[r["arm"]]["wall_s"]
+    out = Path(out_dir)
+    paths = {"md": out / "results.md", "csv": out / "results.csv", "png": out / "dice_vs_labels.png"}
+    paths["md"].write_text(f"{title}\n\n" + markdown_table(rows, classes, labels, skipped) if title
+                           else markdown_table(rows, classes, labels, skipped))
+    write_csv(rows, classes, labels, paths["csv"])
+    plot(rows, paths["png"], title)
+    return {k: str(v) for k, v in paths.items()}

@@ -1,0 +1,206 @@
+"""nnUNetv2_cl_benchmark's plumbing: splits, disjointness of test set and pool, resume, table and plot.
+
+The pure pieces are tested directly; one end-to-end run goes through the real nnU-Net commands on a tiny
+synthetic phantom dataset (10 cases of 24x40x40) with 2-epoch schedules from tests/ext_trainers: the scratch
+and SimCLR arms at k=2 with one seed, plus an arm whose trainer does not exist (reported as skipped).
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nnunet_cl.benchmark import (BenchmarkError, PRETRAIN_FOLD, build_folds, parse_arms, split_cases,
+                                 splits_from_folds)
+from nnunet_cl.benchmark_report import write_report
+
+TESTS = Path(__file__).resolve().parent
+CASES = [f"case_{i:03d}" for i in range(30)]
+
+
+# ------------------------------------------------------------------------------------------------ pure pieces
+
+def test_split_cases_is_a_seeded_partition():
+    s = split_cases(CASES, n_test=6, n_val=4, seed=1)
+    assert len(s["test"]) == 6 and len(s["val"]) == 4 and len(s["train"]) == 20
+    assert set(s["test"]) | set(s["val"]) | set(s["train"]) == set(CASES)
+    assert not (set(s["test"]) & set(s["val"]) or set(s["test"]) & set(s["train"]) or set(s["val"]) & set(s["train"]))
+    assert split_cases(list(reversed(CASES)), 6, 4, 1) == s  # input order does not matter
+    assert split_cases(CASES, 6, 4, 2)["test"] != s["test"]
+    with pytest.raises(BenchmarkError):
+        split_cases(CASES[:8], n_test=6, n_val=2, seed=0)  # no training case left
+
+
+def test_folds_nested_fixed_val_ceiling_and_pretraining_fold():
+    s = split_cases(CASES, 6, 4, 0)
+    folds = build_folds(s["train"], s["val"], ks=[2, 5, 10], seeds=[0, 1, 2])
+    assert [f["fold"] for f in folds] == list(range(len(folds)))
+    pre = folds[PRETRAIN_FOLD]
+    assert pre["kind"] == "pretrain" and pre["train"] == [] and pre["val"] == []
+    runs = folds[1:]
+    assert len(runs) == 3 * 3 + 3  # (k, seed) folds and one ceiling fold per seed
+    for f in runs:
+        assert f["val"] == s["val"]  # the same validation set everywhere
+        assert not set(f["train"]) & set(s["val"]) and not set(f["train"]) & set(s["test"])
+    for seed in (0, 1, 2):
+        by_k = {f["k"]: f["train"] for f in runs if f["seed"] == seed and f["kind"] == "k"}
+        assert [len(by_k[k]) for k in (2, 5, 10)] == [2, 5, 10]
+        assert by_k[5][:2] == by_k[2] and by_k[10][:5] == by_k[5]  # nested across k for one seed
+        ceiling = [f for f in runs if f["seed"] == seed and f["kind"] == "ceiling"]
+        assert len(ceiling) == 1 and ceiling[0]["train"] == sorted(s["train"]) and ceiling[0]["k"] == 20
+    assert len({tuple(f["train"]) for f in runs if f["kind"] == "k" and f["k"] == 2}) > 1  # seeds draw differently
+    splits = splits_from_folds(folds)
+    assert splits[0] == {"train": [], "val": []} and splits[3]["train"] == folds[3]["train"]
+
+
+def test_folds_grow_without_moving_old_ones():
+    s = split_cases(CASES, 6, 4, 0)
+    first = build_folds(s["train"], s["val"], ks=[2], seeds=[0])
+    more = build_folds(s["train"], s["val"], ks=[2, 5], seeds=[0, 1], existing=first)
+    assert more[:len(first)] == first  # finished runs keep their fold
+    assert len(more) == 1 + 2 * 2 + 2
+    tampered = [dict(f) for f in first]
+    tampered[1]["train"] = list(reversed(tampered[1]["train"])) + ["x"]
+    with pytest.raises(BenchmarkError, match="new --work"):
+        build_folds(s["train"], s["val"], [2], [0], existing=tampered)
+    with pytest.raises(BenchmarkError, match="impossible"):
+        build_folds(s["train"], s["val"], [50], [0])
+
+
+def test_arms_are_data_driven():
+    assert parse_arms(["scratch", "simclr", "ceiling"]) == [
+        ("scratch", None), ("simclr", "nnUNetTrainerSimCLRPretrain"), ("ceiling", None)]
+    assert parse_arms(["mine=nnUNetTrainerMinePretrain"]) == [("mine", "nnUNetTrainerMinePretrain")]
+    for bad in (["nosuch"], ["scratch", "scratch"], ["ceiling=nnUNetTrainerX"], ["a b=nnUNetTrainerX"]):
+        with pytest.raises(BenchmarkError):
+            parse_arms(bad)
+
+
+def _run_record(arm, k, seed, d1, d2, ceiling=False):
+    return {"arm": arm, "kind": "ceiling" if ceiling else "k", "k": k, "seed": seed, "dice": {"1": d1, "2": d2},
+            "mean_fg_dice": (d1 + d2) / 2, "labels": {"1": "anterior", "2": "posterior"},
+            "wall_s": {"pretrain": 600.0 if arm == "simclr" else None, "finetune": 120.0, "predict": 30.0}}
+
+
+def test_table_and_plot_from_run_files(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    records = [_run_record("scratch", 2, 0, 0.5, 0.6), _run_record("scratch", 2, 1, 0.6, 0.7),
+               _run_record("simclr", 2, 0, 0.6, 0.7), _run_record("simclr", 2, 1, 0.6, 0.9),
+               _run_record("scratch", 5, 0, 0.7, 0.7), _run_record("ceiling", 20, 0, 0.85, 0.85, ceiling=True)]
+    for r in records:
+        (runs / f"{r['arm']}__k{r['k']}__seed{r['seed']}.json").write_text(json.dumps(r))
+    (runs / "pretrain__simclr.json").write_text(json.dumps({"arm": "simclr", "wall_s": 600.0}))
+    paths = write_report(runs, tmp_path, skipped={"polycl": "nnUNetTrainerPolyCLPretrain_clBench: not there"},
+                         title="Phantom: 2 test cases")
+    md = Path(paths["md"]).read_text()
+    assert "| scratch | 2 | 2 | 0.550 ± 0.071 | 0.650 ± 0.071 | **0.600 ± 0.071** |" in md
+    # simclr minus scratch on the same seed: 0.65 - 0.55 and 0.75 - 0.65
+    assert "| simclr | 2 | 2 | 0.600 ± 0.000 | 0.800 ± 0.141 | **0.700 ± 0.071** | 0.100 ± 0.000 | 2.0 | 0.5 | 10.0 |" in md
+    assert "| ceiling | all (20) | 1 |" in md and "skipped arm **polycl**" in md
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert [(r["arm"], r["k"]) for r in rows] == [("scratch", "2"), ("scratch", "5"), ("simclr", "2"), ("ceiling", "20")]
+    assert float(rows[0]["mean_fg_dice_mean"]) == pytest.approx(0.6) and rows[1]["mean_fg_dice_std"] == ""
+    from PIL import Image
+    assert Image.open(paths["png"]).size[0] >= 800
+    assert write_report(tmp_path / "empty", tmp_path) is None
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+def _bench_cmd(src, work, unlabeled):
+    return [sys.executable, "-m", "nnunet_cl.benchmark", "-i", str(src), "--work", str(work), "--k", "2",
+            "--seeds", "0", "--arms", "scratch", "simclr", "missing=nnUNetTrainerMissingPretrain",
+            "--n_test", "2", "--n_val", "2", "--schedule", "clBenchTest", "--extra_unlabeled", str(unlabeled)]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    from nnunet_cl.phantom import write_phantom_dataset
+    root = tmp_path_factory.mktemp("bench")
+    src = write_phantom_dataset(root / "source", 1, "Phantom", num_labeled=10, num_unlabeled=2,
+                                unlabeled_folder=root / "unlabeled", shape=(24, 40, 40), spacing=(2.5, 1.5, 1.5))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env.update(nnUNet_extTrainer=str(TESTS / "ext_trainers"), nnUNet_n_proc_DA="1")
+    work = root / "work"
+    cmd = _bench_cmd(src, work, root / "unlabeled")
+    t = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    return {"root": root, "src": src, "work": work, "env": env, "cmd": cmd, "first": proc, "seconds": time.time() - t}
+
+
+def test_dataset_test_set_never_trained_or_pretrained_on(bench):
+    work = bench["work"]
+    folds = json.loads((work / "benchmark_folds.json").read_text())
+    raw = work / "nnUNet_raw" / "Dataset950_Phantom"
+    test = {p.name[:-len("_0000.nii.gz")] for p in (raw / "imagesTs").glob("*_0000.nii.gz")}
+    assert test == set(folds["test"]) and len(test) == 2
+    assert {p.name[:-len(".nii.gz")] for p in (raw / "labelsTs").iterdir()} == test
+    train_imgs = {p.name[:-len("_0000.nii.gz")] for p in (raw / "imagesTr").glob("*_0000.nii.gz")}
+    assert not train_imgs & test and train_imgs == set(folds["train_candidates"]) | set(folds["val"])
+    pre = work / "nnUNet_preprocessed" / "Dataset950_Phantom"
+    splits = json.loads((pre / "splits_final.json").read_text())
+    assert splits == [{"train": f["train"], "val": f["val"]} for f in folds["folds"]]
+    for f in folds["folds"]:
+        assert not set(f["train"]) & test and not set(f["val"]) & test and not set(f["train"]) & set(f["val"])
+    # the pool pretraining reads (fold 0): all 8 training images and the 2 ingested scans, no test case
+    from nnunet_cl.pool import list_pool
+    pool = [i for _, i in list_pool(str(pre), "nnUNetPlans_3d_fullres", PRETRAIN_FOLD)]
+    assert len(pool) == 10 and not set(pool) & test
+    assert set(pool) >= train_imgs and sum(i.startswith("pool_") for i in pool) == 2
+    log = (work / "benchmark_log.txt").read_text()
+    assert "Pretraining pool: 10 cases" in log
+
+
+def test_runs_table_plot_and_skipped_arm(bench):
+    work = bench["work"]
+    scratch = json.loads((work / "runs" / "scratch__k2__seed0.json").read_text())
+    simclr = json.loads((work / "runs" / "simclr__k2__seed0.json").read_text())
+    for r in (scratch, simclr):
+        assert r["k"] == 2 and len(r["train_cases"]) == 2 and r["n_test"] == 2 and r["finetune_trainer"] == \
+            "nnUNetTrainer_clBenchTest" and set(r["dice"]) == {"1", "2", "3", "4"}
+        assert 0 <= r["mean_fg_dice"] <= 1 and r["wall_s"]["finetune"] > 0 and r["wall_s"]["predict"] > 0
+    assert scratch["fold"] == simclr["fold"] and scratch["train_cases"] == simclr["train_cases"]
+    assert scratch["pretrained_weights"] is None
+    assert simclr["pretrained_weights"].endswith(
+        "nnUNetTrainerSimCLRPretrain_clBenchTest__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth")
+    log = (work / "benchmark_log.txt").read_text()
+    assert log.count("Loading pretrained weights from file") == 1  # simclr only, scratch starts from nothing
+    pre = json.loads((work / "runs" / "pretrain__simclr.json").read_text())
+    assert pre["pool_cases"] == 10 and pre["wall_s"] > 0
+    md = (work / "results.md").read_text()
+    assert "| scratch | 2 | 1 |" in md and "| simclr | 2 | 1 |" in md
+    assert "skipped arm **missing**: nnUNetTrainerMissingPretrain_clBenchTest" in md
+    assert "SKIPPED arm missing" in bench["first"].stdout
+    rows = list(csv.DictReader(open(work / "results.csv")))
+    assert {r["arm"] for r in rows} == {"scratch", "simclr"}
+    assert (work / "dice_vs_labels.png").stat().st_size > 10_000
+    print(f"first benchmark invocation: {bench['seconds']:.0f} s")
+
+
+def test_rerun_skips_finished_runs(bench, tmp_path):
+    work, runs = bench["work"], bench["work"] / "runs"
+    scratch_file, simclr_file = runs / "scratch__k2__seed0.json", runs / "simclr__k2__seed0.json"
+    before = scratch_file.stat().st_mtime_ns
+    simclr_file.unlink()  # as if the run stopped after its training finished
+    log_size = (work / "benchmark_log.txt").stat().st_size
+    proc = subprocess.run(bench["cmd"], env=bench["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert "1 finished before" in proc.stdout and "1 to do" in proc.stdout
+    assert scratch_file.stat().st_mtime_ns == before and simclr_file.is_file()
+    with open(work / "benchmark_log.txt") as f:
+        f.seek(log_size)
+        second = f.read()
+    # no preprocessing, no pretraining, no training again: only the missing prediction and its score
+    assert "$ nnUNetv2_train" not in second and "nnUNetv2_plan_and_preprocess" not in second
+    assert "nnUNetv2_cl_add_unlabeled" not in second
+    assert second.count("$ nnUNetv2_predict") == 1 and second.count("$ nnUNetv2_evaluate_folder") == 1
+    # a work folder remembers its test set: other settings are refused
+    other = bench["cmd"][:bench["cmd"].index("--n_test") + 1] + ["3"] + bench["cmd"][bench["cmd"].index("--n_test") + 2:]
+    proc = subprocess.run(other, env=bench["env"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "n_test: 2 -> 3" in proc.stderr

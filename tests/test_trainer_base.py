@@ -1,0 +1,155 @@
+"""The staged base trainer at the Python level, on a tiny hand-written plan (no preprocessing needed)."""
+import math
+import os
+
+import pytest
+import torch
+
+from nnunet_cl_trainers import nnUNetTrainerSimCLR, nnUNetTrainerSimCLRPretrain
+from nnunet_cl_trainers.base import FINETUNE, PRETRAIN
+
+DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 4,
+                "file_ending": ".nii.gz"}
+
+
+def tiny_plans():
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
+                            "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                            "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+              "batch_size": 2, "patch_size": [16, 16, 16], "median_image_size_in_voxels": [16, 16, 16],
+              "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"],
+              "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
+              "resampling_fn_seg": "resample_data_or_seg_to_shape",
+              "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+              "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+              "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+              "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
+                                                     "force_separate_z": None},
+              "architecture": arch, "batch_dice": False}
+    return {"dataset_name": "Dataset997_Tiny", "plans_name": "nnUNetPlans",
+            "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
+            "original_median_shape_after_transp": [16, 16, 16], "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+            "foreground_intensity_properties_per_channel": {"0": {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0,
+                                                                  "percentile_00_5": -1.0, "percentile_99_5": 1.0,
+                                                                  "std": 1.0}},
+            "configurations": {"3d_fullres": config}, "continue_training": False}
+
+
+@pytest.fixture
+def make_trainer(nnunet_env):
+    folder = nnunet_env["nnUNet_preprocessed"] / "Dataset997_Tiny" / "nnUNetPlans_3d_fullres"
+    folder.mkdir(parents=True)
+    (folder / "case_000.b2nd").write_bytes(b"")  # lets nnU-Net infer the dataset format; never read here
+
+    def make(cls=nnUNetTrainerSimCLR, **attrs):
+        trainer = cls(tiny_plans(), "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))
+        for k, v in attrs.items():
+            setattr(trainer, k, v)
+        trainer.initialize()
+        return trainer
+    return make
+
+
+def two_view_batch(seed=0, n=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, 1, 16, 16, 16), generator=g)
+    # two views of the same images: small intensity change, so the positive pairs are learnable
+    return {"data": x, "data2": 1.1 * x + 0.05 * torch.randn(x.shape, generator=g), "keys": list(range(n))}
+
+
+def test_heads_live_beside_the_stock_network(make_trainer):
+    trainer = make_trainer()
+    net_keys = set(trainer.network.state_dict())
+    assert not any(k.startswith(("projector", "local")) for k in net_keys)
+    assert set(trainer.cl_modules.keys()) == {"local", "projector"}
+    assert trainer.num_epochs == trainer.pretrain_epochs + trainer.finetune_epochs
+    for key in ("cl_total", "cl_infonce"):
+        assert key in trainer.logger.local_logger.my_fantastic_logging
+
+
+def test_simclr_steps_on_a_fixed_batch_lower_the_loss(make_trainer):
+    torch.manual_seed(0)
+    trainer = make_trainer(pretrain_lr=3e-3)
+    assert trainer.stage() == PRETRAIN and isinstance(trainer.optimizer, torch.optim.AdamW)
+    batch = two_view_batch()
+    losses = [float(trainer.train_step(batch)["loss"]) for _ in range(15)]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_projection_separates_images_at_init(make_trainer):
+    """Plain average pooling of nnU-Net's InstanceNorm'd bottleneck gives nearly one vector for every image."""
+    torch.manual_seed(0)
+    trainer = make_trainer()
+    x = two_view_batch()["data"]
+    with torch.no_grad():
+        bottleneck = trainer.encode(x)[-1]
+        plain = torch.nn.functional.normalize(bottleneck.flatten(2).mean(-1), dim=1)
+        ours = torch.nn.functional.normalize(trainer.cl_modules["local"](bottleneck).flatten(2).mean(-1), dim=1)
+    spread = lambda z: (1 - z @ z.T).abs().mean().item()  # noqa: E731
+    assert spread(ours) > spread(plain)
+
+
+def test_resume_mid_pretraining_restores_heads_and_optimizer(make_trainer, tmp_path):
+    torch.manual_seed(0)
+    trainer = make_trainer()
+    for _ in range(3):
+        trainer.train_step(two_view_batch())
+    trainer.current_epoch = 4
+    for key in trainer.logger.local_logger.my_fantastic_logging:  # nnU-Net's logger wants one value per epoch
+        trainer.logger.local_logger.my_fantastic_logging[key] = [0.0] * 5
+    ckpt = str(tmp_path / "checkpoint_latest.pth")
+    trainer.save_checkpoint(ckpt)
+    assert not os.path.exists(ckpt + ".tmp")
+
+    resumed = make_trainer()
+    resumed.load_checkpoint(ckpt)
+    assert resumed.current_epoch == 5 and resumed.stage() == PRETRAIN
+    for k, v in trainer.cl_modules.state_dict().items():
+        assert torch.equal(v, resumed.cl_modules.state_dict()[k])
+    for k, v in trainer.network.state_dict().items():
+        assert torch.equal(v, resumed.network.state_dict()[k])
+    a, b = trainer.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert isinstance(resumed.optimizer, torch.optim.AdamW) and len(a["state"]) == len(b["state"]) > 0
+    for i, s in a["state"].items():
+        assert torch.equal(s["exp_avg"], b["state"][i]["exp_avg"])
+    # both continue identically from here
+    batch = two_view_batch(seed=1)
+    torch.manual_seed(1)
+    la = float(trainer.train_step(batch)["loss"])
+    torch.manual_seed(1)
+    lb = float(resumed.train_step(batch)["loss"])
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_checkpoint_from_last_pretraining_epoch_resumes_into_finetuning(make_trainer, tmp_path):
+    trainer = make_trainer(pretrain_epochs=2, finetune_epochs=3)
+    trainer.current_epoch = 1  # the last pretraining epoch; the checkpoint records epoch 2
+    ckpt = str(tmp_path / "checkpoint_pretrained.pth")
+    trainer.save_checkpoint(ckpt)
+    resumed = make_trainer(pretrain_epochs=2, finetune_epochs=3)
+    resumed.load_checkpoint(ckpt)
+    assert resumed.stage() == FINETUNE
+    assert isinstance(resumed.optimizer, torch.optim.AdamW)  # the saved state belongs to the pretraining optimiser
+    resumed.num_iterations_per_epoch = 0
+    resumed.dataloader_train = resumed.dataloader_val = object()  # stand-ins: no data is read in this test
+    resumed.on_train_epoch_start()
+    assert isinstance(resumed.optimizer, torch.optim.SGD)  # nnU-Net's own optimiser from the switch on
+    assert not any(p is q for g in resumed.optimizer.param_groups for p in g["params"]
+                   for q in resumed.cl_modules.parameters())
+
+
+def test_pretraining_only_trainer_skips_validation(make_trainer, capsys):
+    trainer = make_trainer(cls=nnUNetTrainerSimCLRPretrain)
+    assert trainer.finetune_epochs == 0 and trainer.num_epochs == trainer.pretrain_epochs
+    trainer.perform_actual_validation()
+    assert "-pretrained_weights" in capsys.readouterr().out
