@@ -302,3 +302,20 @@ def test_input_validation():
         masked_supcon(z, torch.zeros(4, 6, dtype=torch.bool), keys=torch.randn(6, 2))
     with pytest.raises(ValueError):
         info_nce_two_views(torch.randn(4, 3), torch.randn(5, 3))
+
+
+def test_chunked_computation_matches_one_block():
+    """Row blocks (recomputed in backward) give the same loss and gradients as one block."""
+    gen = torch.Generator().manual_seed(3)
+    z0 = torch.randn(50, 16, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 5, (50,), generator=gen)
+    neg = torch.rand(50, 50, generator=gen) > 0.3
+    for mode in ("supcon", "pos_vs_negs"):
+        results = []
+        for chunk in (1 << 22, 7 * 50):  # one block / blocks of 7 rows
+            z = z0.clone().requires_grad_(True)
+            loss = masked_supcon(z, labels_to_pos_mask(labels), neg_mask=neg, mode=mode, chunk_elements=chunk)
+            loss.backward()
+            results.append((loss.detach(), z.grad))
+        assert torch.allclose(results[0][0], results[1][0], atol=1e-12)
+        assert torch.allclose(results[0][1], results[1][1], atol=1e-12)

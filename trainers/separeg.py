@@ -527,7 +527,8 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             expert = int(st.assignments[idx[0]])
         else:
             raise RuntimeError(f"no region batches in phase {phase}")
-        return {"data": self._crops_tensor(np.sort(idx)), "phase": phase, "expert": expert}
+        idx = np.sort(idx)
+        return {"data": self._crops_tensor(idx), "phase": phase, "expert": expert, "index": idx}
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def cl_extra_state(self) -> dict:

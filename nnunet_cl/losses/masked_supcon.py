@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["masked_supcon", "labels_to_pos_mask"]
 
@@ -35,6 +36,7 @@ def masked_supcon(
     neg_mask: torch.Tensor | None = None,
     mode: str = "supcon",
     keys: torch.Tensor | None = None,
+    chunk_elements: int = 1 << 22,
 ) -> torch.Tensor:
     r"""Masked supervised contrastive loss on L2-normalised embeddings.
 
@@ -68,6 +70,8 @@ def masked_supcon(
         neg_mask: optional (N, M) bool negative mask; pairs in neither mask are ignored entirely.
         mode: "supcon" or "pos_vs_negs".
         keys: optional (M, D) contrast set (queue, gathered embeddings).
+        chunk_elements: anchors are processed in blocks of about this many (anchor, key) pairs, each
+            recomputed in the backward pass, which bounds peak memory; the result does not depend on it.
 
     Returns:
         Scalar loss tensor (float32, or float64 for float64 inputs).
@@ -93,38 +97,57 @@ def masked_supcon(
     with torch.autocast(device_type=z.device.type, enabled=False):
         anchors = F.normalize(z.to(dtype), dim=1)
         contrast = anchors if keys is None else F.normalize(keys.to(device=z.device, dtype=dtype), dim=1)
-        logits = anchors @ contrast.T / temperature  # (N, M)
-
-        pos = pos_mask.to(device=z.device, dtype=torch.bool)
-        if keys is None:
-            not_self = ~torch.eye(n, dtype=torch.bool, device=z.device)
-            pos = pos & not_self
-        if neg_mask is None:
-            neg = ~pos
-            if keys is None:
-                neg = neg & not_self
-        else:
-            neg = neg_mask.to(device=z.device, dtype=torch.bool) & ~pos
-            if keys is None:
-                neg = neg & not_self
-
-        if mode == "supcon":
-            log_prob = logits - _masked_logsumexp(logits, pos | neg)[:, None]
-            pair_loss = -log_prob
-        else:
-            # -log(e^s_ip / (e^s_ip + S_neg)) = softplus(log S_neg - s_ip); log S_neg = -inf without negatives
-            pair_loss = F.softplus(_masked_logsumexp(logits, neg)[:, None] - logits)
-
-        n_pos = pos.sum(dim=1)
-        # masked_fill (not multiply) so that no 0 * inf can reach the sum
-        row_loss = pair_loss.masked_fill(~pos, 0.0).sum(dim=1) / n_pos.clamp_min(1)
-        has_pos = n_pos > 0
+        pos_mask = pos_mask.to(device=z.device, dtype=torch.bool)
+        neg_mask = None if neg_mask is None else neg_mask.to(device=z.device, dtype=torch.bool)
+        # Rows are processed in chunks, each recomputed in the backward pass (checkpointing), so peak memory
+        # is a few (chunk, M) blocks rather than a few (N, M) matrices: 8192 sampled voxels would otherwise
+        # hold several 256 MiB float32 matrices for the backward pass.
+        rows_per_chunk = max(1, chunk_elements // max(m, 1))
+        checkpointing = torch.is_grad_enabled() and n > rows_per_chunk and (
+            anchors.requires_grad or contrast.requires_grad)
+        total, count = anchors.sum() * 0, anchors.new_zeros(())  # connected even with no anchors
+        for start in range(0, n, rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            args = (anchors[rows], contrast, pos_mask[rows], None if neg_mask is None else neg_mask[rows],
+                    start if keys is None else None, temperature, mode)
+            part, rows_with_pos = checkpoint(_chunk_loss, *args, use_reentrant=False) if checkpointing \
+                else _chunk_loss(*args)
+            total, count = total + part, count + rows_with_pos
         # Mean over rows with positives without a data-dependent branch (no host sync on GPU); with no such
         # row this is 0 * (graph), i.e. a connected zero.
-        loss = row_loss.masked_fill(~has_pos, 0.0).sum() / has_pos.sum().clamp_min(1)
+        loss = total / count.clamp_min(1)
     if base_temperature is not None:
         loss = loss * (temperature / base_temperature)
     return loss
+
+
+def _chunk_loss(anchors, contrast, pos_mask, neg_mask, self_offset, temperature, mode):
+    """Summed row losses of one block of anchors and the number of those rows that have a positive.
+
+    ``self_offset`` is the index of the block's first anchor in the contrast set when anchors are their own
+    keys (the anchor itself is then excluded), None with separate keys.
+    """
+    logits = anchors @ contrast.T / temperature  # (rows, M)
+    pos = pos_mask
+    if self_offset is not None:
+        rows = torch.arange(self_offset, self_offset + anchors.shape[0], device=anchors.device)
+        not_self = rows[:, None] != torch.arange(contrast.shape[0], device=anchors.device)[None, :]
+        pos = pos & not_self
+    neg = ~pos if neg_mask is None else neg_mask & ~pos
+    if self_offset is not None:
+        neg = neg & not_self
+
+    if mode == "supcon":
+        pair_loss = _masked_logsumexp(logits, pos | neg)[:, None] - logits
+    else:
+        # -log(e^s_ip / (e^s_ip + S_neg)) = softplus(log S_neg - s_ip); log S_neg = -inf without negatives
+        pair_loss = F.softplus(_masked_logsumexp(logits, neg)[:, None] - logits)
+
+    n_pos = pos.sum(dim=1)
+    # masked_fill (not multiply) so that no 0 * inf can reach the sum
+    row_loss = pair_loss.masked_fill(~pos, 0.0).sum(dim=1) / n_pos.clamp_min(1)
+    has_pos = n_pos > 0
+    return row_loss.masked_fill(~has_pos, 0.0).sum(), has_pos.sum().to(row_loss.dtype)
 
 
 def _masked_logsumexp(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

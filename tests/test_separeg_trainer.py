@@ -1,0 +1,384 @@
+"""SepaReg trainers: each pretraining phase at the Python level on a tiny plan, phase state across checkpoints,
+and end to end through the real command lines on real head-and-neck radiotherapy CT (OpenKBP, ../shared/data).
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_cl.ext_path import ext_trainer_path
+from nnunet_cl_trainers.base import FINETUNE, PRETRAIN
+from nnunet_cl_trainers.separeg import (DISTILL, EXPERT, REGION, nnUNetTrainerSepaReg, nnUNetTrainerSepaRegBYOL,
+                                        nnUNetTrainerSepaRegPretrain)
+
+TESTS = Path(__file__).resolve().parent
+DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 4,
+                "file_ending": ".nii.gz"}
+
+
+def tiny_plans():
+    """A hand-written 3-stage PlainConvUNet plan (16^3 patches): no preprocessing needed."""
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
+                            "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                            "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+              "batch_size": 2, "patch_size": [16, 16, 16], "median_image_size_in_voxels": [16, 16, 16],
+              "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"],
+              "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
+              "resampling_fn_seg": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": resampling,
+              "resampling_fn_seg_kwargs": {**resampling, "is_seg": True, "order": 1},
+              "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+              "resampling_fn_probabilities_kwargs": {**resampling, "order": 1}, "architecture": arch,
+              "batch_dice": False}
+    return {"dataset_name": "Dataset996_TinySepa", "plans_name": "nnUNetPlans",
+            "original_median_spacing_after_transp": [1.0, 1.0, 1.0], "original_median_shape_after_transp": [16] * 3,
+            "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+            "foreground_intensity_properties_per_channel": {"0": {
+                "max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0, "percentile_99_5": 1.0,
+                "std": 1.0}},
+            "configurations": {"3d_fullres": config}, "continue_training": False}
+
+
+# tiny schedule: region 0-1, expert 0 at 2, expert 1 at 3, distill 4-5, fine-tune 6
+SCHEDULE = dict(crop_size=16, region_epochs=2, expert_epochs=1, k=2, distill_epochs=2, regions_per_step=6,
+                finetune_epochs=1)
+
+
+def synthetic_regions(n=16, size=16, seed=0):
+    """Region-like crops: two kinds (bright ball, dim slab), zero outside, uint8 x 255 as in the cache."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[:size, :size, :size] - size / 2
+    out = np.zeros((n, 1, size, size, size), np.uint8)
+    for i in range(n):
+        if i % 2:
+            m = z ** 2 + y ** 2 + x ** 2 < (size / 2.5) ** 2
+            val = 0.8 + 0.1 * rng.standard_normal(m.shape)
+        else:
+            m = np.abs(z) < size / 5
+            val = 0.3 + 0.05 * rng.standard_normal(m.shape) + 0.02 * x
+        out[i, 0] = np.round(np.clip(np.where(m, val, 0), 0, 1) * 255)
+    return out
+
+
+@pytest.fixture
+def make_trainer(nnunet_env):
+    folder = nnunet_env["nnUNet_preprocessed"] / "Dataset996_TinySepa" / "nnUNetPlans_3d_fullres"
+    folder.mkdir(parents=True)
+    (folder / "case_000.b2nd").write_bytes(b"")  # lets nnU-Net infer the dataset format; never read here
+
+    def make(cls=nnUNetTrainerSepaReg, regions=True, **attrs):
+        torch.manual_seed(0)
+        trainer = cls(tiny_plans(), "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))
+        for k, v in {**SCHEDULE, **attrs}.items():
+            setattr(trainer, k, v)
+        trainer.initialize()
+        if regions:
+            trainer.set_regions(synthetic_regions(), ["synthetic"])
+        return trainer
+    return make
+
+
+def go_to(trainer, epoch):
+    """What the training loop does at the start of an epoch."""
+    trainer.current_epoch = epoch
+    trainer.on_train_epoch_start()
+
+
+# ------------------------------------------------------------------------------------------- schedule
+def test_phase_schedule_and_pretrain_epochs(make_trainer):
+    t = make_trainer()
+    assert t.pretrain_epochs == 2 + 2 * 1 + 2 and t.num_epochs == 7
+    assert [t.phase(e) for e in range(7)] == [REGION, REGION, EXPERT, EXPERT, DISTILL, DISTILL, FINETUNE]
+    assert [t.expert_of_epoch(e) for e in (2, 3)] == [0, 1]
+    assert t.stage(5) == PRETRAIN and t.stage(6) == FINETUNE
+    with pytest.raises(AttributeError, match="region_epochs"):
+        t.pretrain_epochs = 3
+    # a 16^3 crop through strides 1, 2, 2 is 4^3 at the bottleneck: the bottleneck is pooled
+    assert t.resolved_feature_stage() == 2
+    t.crop_size = 4  # 4 -> 2 -> 1 voxel: instance norm is undefined there, so the stage before
+    assert t.resolved_feature_stage() == 1
+    # learning rate restarts for each phase and each expert
+    t.crop_size = 16
+    go_to(t, 2)
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(t.pretrain_lr)
+
+
+def test_heads_beside_network_and_views_keep_regions(make_trainer):
+    t = make_trainer(objective="byol")
+    assert set(t.cl_modules) == {"local", "projector", "predictor", "teacher"}
+    assert not any(k.startswith(("local", "projector", "predictor", "teacher")) for k in t.network.state_dict())
+    x = torch.from_numpy(synthetic_regions(4)).float() / 255
+    t.scale_jitter = (1.0, 1.0)
+    v = t.region_view(x, torch.Generator().manual_seed(0))
+    # no spatial jitter: the view is zero exactly where the crop is (up to flips)
+    flips = [(x[i] > 0).sum() == (v[i] != 0).sum() for i in range(4)]
+    assert all(flips)
+
+
+# ------------------------------------------------------------------------------------------- one step per phase
+@pytest.mark.parametrize("cls", [nnUNetTrainerSepaReg, nnUNetTrainerSepaRegBYOL])
+def test_one_step_of_every_phase(make_trainer, cls):
+    t = make_trainer(cls)
+    seen = {}
+    for epoch in range(6):
+        go_to(t, epoch)
+        batch = t.next_region_batch()
+        assert batch["data"].shape == (6, 1, 16, 16, 16)
+        if t.phase() != REGION:  # every block of regions comes from one cluster: the expert's
+            assert set(t.sepa.assignments[batch["index"]].tolist()) == {batch["expert"]}
+        teacher_before = {k: v.clone() for k, v in t.cl_modules.state_dict().items() if k.startswith("teacher.")}
+        out = t.train_step(batch)
+        phase = t.phase()
+        assert np.isfinite(out["loss"]) and f"cl_{phase}" in out
+        seen[phase] = float(out[f"cl_{phase}"])
+        if cls is nnUNetTrainerSepaRegBYOL and phase in (REGION, EXPERT):  # the EMA teacher moved
+            assert any(not torch.equal(v, t.cl_modules.state_dict()[k]) for k, v in teacher_before.items())
+    assert set(seen) == {REGION, EXPERT, DISTILL}
+    lo, hi = (-1, 1) if cls is nnUNetTrainerSepaReg else (0, 4)
+    assert lo <= seen[REGION] <= hi and lo <= seen[EXPERT] <= hi and 0 <= seen[DISTILL] <= 4
+    st = t.sepa
+    assert st.working == ("student", None) and sorted(st.experts) == [0, 1]
+    assert len(st.assignments) == 16 and set(st.assignments.tolist()) == {0, 1}
+    # the experts were trained from the base and differ from it and from each other
+    key = next(k for k in st.base["encoder"] if k.endswith("weight"))
+    assert not torch.equal(st.experts[0]["encoder"][key], st.base["encoder"][key])
+    assert not torch.equal(st.experts[0]["encoder"][key], st.experts[1]["encoder"][key])
+
+
+def test_kmeans_of_base_embeddings_is_stable(make_trainer):
+    t = make_trainer()
+    go_to(t, 2)  # clustering happens when the expert phase starts
+    first = t.sepa.assignments.copy()
+    t.sepa.assignments = None
+    t.cluster_regions()
+    assert np.array_equal(first, t.sepa.assignments)
+    # the two kinds of synthetic region end up in different clusters
+    kinds = np.arange(16) % 2
+    assert abs(np.corrcoef(kinds, first)[0, 1]) > 0.9
+
+
+def test_simsiam_steps_on_a_fixed_batch_lower_the_loss(make_trainer):
+    t = make_trainer()
+    go_to(t, 0)
+    x = torch.from_numpy(synthetic_regions(8, seed=3)).float() / 255
+    g = torch.Generator().manual_seed(0)
+    views = torch.cat([t.region_view(x, g), t.region_view(x, g)])
+    losses = []
+    for _ in range(6):
+        t.optimizer.zero_grad(set_to_none=True)
+        loss = t.inter_organ_loss(views)
+        t._backward_and_step(loss)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("distill_loss", ["cosine", "kl"])
+def test_distillation_loss_is_zero_when_student_equals_expert(make_trainer, distill_loss):
+    t = make_trainer(distill_loss=distill_loss, expert_epochs=0)  # no expert training: experts = base = student
+    go_to(t, 2)
+    assert t.phase() == DISTILL and t.sepa.working == ("student", None)
+    batch = t.next_region_batch()
+    loss = t.pretrain_losses(batch)[DISTILL]
+    assert float(loss) == pytest.approx(0.0, abs=1e-5)
+    # after the student moves, it no longer is the expert
+    t.train_step(t.next_region_batch())
+    t.train_step(t.next_region_batch())
+    assert float(t.pretrain_losses(t.next_region_batch())[DISTILL]) > 1e-6
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def _state_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].cpu(), b[k].cpu()), k
+
+
+@pytest.mark.parametrize("stop_after", [2, 4])  # after expert 0 / after the first distillation epoch
+def test_checkpoint_resume_restores_the_phase_state(make_trainer, tmp_path, stop_after, nnunet_env):
+    a = make_trainer(nnUNetTrainerSepaRegBYOL)
+    for epoch in range(stop_after + 1):
+        go_to(a, epoch)
+        a.train_step(a.next_region_batch())
+    a.current_epoch = stop_after
+    a.save_checkpoint(str(tmp_path / "ckpt.pth"))
+
+    b = make_trainer(nnUNetTrainerSepaRegBYOL, regions=False)
+    b.load_checkpoint(str(tmp_path / "ckpt.pth"))
+    b.set_regions(synthetic_regions(), ["synthetic"])
+    assert b.current_epoch == stop_after + 1
+    _state_equal(a.cl_modules.state_dict(), b.cl_modules.state_dict())
+    _state_equal(a.network.state_dict(), b.network.state_dict())
+    assert np.array_equal(a.sepa.assignments, b.sepa.assignments) and b.sepa.working == a.sepa.working
+    _state_equal(a.sepa.base["encoder"], b.sepa.base["encoder"])
+    assert sorted(a.sepa.experts) == sorted(b.sepa.experts)
+    for j in a.sepa.experts:
+        _state_equal(a.sepa.experts[j]["heads"], b.sepa.experts[j]["heads"])
+    # both continue identically
+    for t in (a, b):
+        go_to(t, stop_after + 1)
+    assert a.sepa.working == b.sepa.working and sorted(a.sepa.experts) == sorted(b.sepa.experts)
+    for j in a.sepa.experts:
+        _state_equal(a.sepa.experts[j]["encoder"], b.sepa.experts[j]["encoder"])
+    _state_equal(a.network.state_dict(), b.network.state_dict())
+    # the checkpoint ending pretraining carries neither base nor experts, only what the preview needs
+    a.current_epoch = a.pretrain_epochs - 1
+    a.save_checkpoint(str(tmp_path / "end.pth"))
+    extra = torch.load(tmp_path / "end.pth", weights_only=False)["nnunet_cl"]["extra"]
+    assert "base" not in extra and "experts" not in extra and len(extra["assignments"]) == 16
+
+
+def test_pretrain_only_checkpoint_is_a_full_network(make_trainer, tmp_path):
+    t = make_trainer(nnUNetTrainerSepaRegPretrain)
+    assert t.finetune_epochs == 0 and t.num_epochs == t.pretrain_epochs
+    t.current_epoch = t.pretrain_epochs - 1
+    t.save_checkpoint(str(tmp_path / "final.pth"))
+    ckpt = torch.load(tmp_path / "final.pth", weights_only=False)
+    assert ckpt["network_weights"].keys() == t.network.state_dict().keys()
+
+
+# ------------------------------------------------------------------------------------------- end to end
+DATASET = "Dataset953_KBPSepaTest"
+LABELED = ["openkbp_001", "openkbp_002", "openkbp_003", "openkbp_004", "openkbp_005"]
+POOL_KBP = ["openkbp_006", "openkbp_007"]
+TEST_CASE = "openkbp_008"
+POOL_OTHER = "cptac_c3l00189.nii.gz"  # abdomen CT, 428x319x35 at 1x1x5 mm: resampled to the OpenKBP plans' spacing
+
+
+def run(cmd, env, check=True, timeout=900):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _crop(src: Path, dst: Path, size=(40, 56, 56)):
+    """Centre crop (z, y, x voxels) of a 128^3 OpenKBP volume: real CT, small enough for CPU fine-tuning."""
+    img = sitk.ReadImage(str(src))
+    arr = sitk.GetArrayFromImage(img)
+    lo = [(s - c) // 2 for s, c in zip(arr.shape, size)]
+    out = sitk.GetImageFromArray(arr[tuple(slice(a, a + c) for a, c in zip(lo, size))])
+    out.SetSpacing(img.GetSpacing())
+    out.SetDirection(img.GetDirection())
+    sitk.WriteImage(out, str(dst))
+
+
+@pytest.fixture(scope="module")
+def kbp(tmp_path_factory, shared_data):
+    src = shared_data / "OpenKBP_HN"
+    other = shared_data / "ct_unlabeled" / POOL_OTHER
+    if not (src / "imagesTr").is_dir() or not other.is_file():
+        pytest.skip(f"OpenKBP_HN or ct_unlabeled/{POOL_OTHER} missing in {shared_data}")
+    root = tmp_path_factory.mktemp("separeg_e2e")
+    env = dict(os.environ)
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / name).mkdir()
+        env[name] = str(root / name)
+    env.update(nnUNet_extTrainer=os.pathsep.join([ext_trainer_path(), str(TESTS / "ext_trainers")]),
+               nnUNet_compile="0", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1")
+    raw = root / "nnUNet_raw" / DATASET
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    for c in LABELED:
+        _crop(src / "imagesTr" / f"{c}_0000.nii.gz", raw / "imagesTr" / f"{c}_0000.nii.gz")
+        _crop(src / "labelsTr" / f"{c}.nii.gz", raw / "labelsTr" / f"{c}.nii.gz")
+    dataset_json = json.loads((src / "dataset.json").read_text())
+    dataset_json["numTraining"] = len(LABELED)
+    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    unlabeled, test_in = root / "unlabeled", root / "test_in"
+    unlabeled.mkdir(), test_in.mkdir()
+    for c in POOL_KBP:  # whole 128^3 volumes: only pretraining reads the pool
+        shutil.copy(src / "imagesTr" / f"{c}_0000.nii.gz", unlabeled / f"{c}.nii.gz")
+    shutil.copy(other, unlabeled / POOL_OTHER)
+    _crop(src / "imagesTr" / f"{TEST_CASE}_0000.nii.gz", test_in / f"{TEST_CASE}_0000.nii.gz")
+    run(["nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
+    run(["nnUNetv2_cl_add_unlabeled", "-d", DATASET, "-i", str(unlabeled), "-np", "1"], env)
+    return {"root": root, "env": env, "test_in": test_in, "pp": root / "nnUNet_preprocessed" / DATASET}
+
+
+def fold_folder(kbp, trainer):
+    return kbp["root"] / "nnUNet_results" / DATASET / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+
+
+def preview_cmd():
+    exe = shutil.which("nnUNetv2_cl_separeg_preview")
+    return [exe] if exe else [sys.executable, "-m", "nnunet_cl.separeg.cli"]
+
+
+def test_preview_before_pretraining(kbp, tmp_path):
+    out = tmp_path / "sep.png"
+    proc = run(preview_cmd() + ["-d", DATASET, "--case", "cptac_c3l00189", "-o", str(out)], kbp["env"])
+    assert "pool_cptac_c3l00189" in proc.stdout and "kept" in proc.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run(preview_cmd() + ["-d", DATASET, "--case", "nope", "-o", str(out)], kbp["env"], check=False)
+    assert bad.returncode != 0 and "Fix:" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def staged(kbp):
+    return run(["nnUNetv2_train", DATASET, "3d_fullres", "0", "-tr", "nnUNetTrainerSepaReg_test", "-device", "cpu"],
+               kbp["env"])
+
+
+def test_staged_sepa_reg_trains_and_finetunes(kbp, staged):
+    cache = kbp["pp"] / "nnunet_cl_separeg" / "nnUNetPlans_3d_fullres"
+    cached = sorted(p.stem for p in cache.glob("*.npz"))
+    # 4 labeled images outside fold 0's validation case + 3 ingested scans; never the validation case
+    assert len(cached) == 7 and sum(c.startswith("pool_") for c in cached) == 3
+    assert "SepaReg separation: 7 case(s)" in staged.stdout
+    fold = fold_folder(kbp, "nnUNetTrainerSepaReg_test")
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["current_epoch"] == 5 and ckpt["trainer_name"] == "nnUNetTrainerSepaReg_test"
+    assert not any(k.startswith(("projector", "predictor", "local")) for k in ckpt["network_weights"])
+    log = ckpt["logging"]
+    finite = lambda key: [math.isfinite(v) for v in log[key]]  # noqa: E731
+    assert finite("cl_region") == [True, False, False, False, False]
+    assert finite("cl_expert") == [False, True, True, False, False]
+    assert finite("cl_distill") == [False, False, False, True, False]
+    assert finite("mean_fg_dice") == [False] * 4 + [True]
+    extra = ckpt["nnunet_cl"]["extra"]
+    assert "base" not in extra and len(extra["assignments"]) == len(extra["region_id"]) > 100
+    assert (fold / "checkpoint_pretrained.pth").is_file() and (fold / "validation" / "summary.json").is_file()
+    assert "training expert 1 from the base" in staged.stdout and "Stage switch at epoch 4" in staged.stdout
+
+
+def test_predict_with_the_staged_model(kbp, staged, tmp_path):
+    out = tmp_path / "pred"
+    run(["nnUNetv2_predict", "-i", str(kbp["test_in"]), "-o", str(out), "-d", DATASET, "-c", "3d_fullres",
+         "-tr", "nnUNetTrainerSepaReg_test", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+        kbp["env"])
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{TEST_CASE}.nii.gz")))
+    assert seg.shape == (40, 56, 56) and seg.min() >= 0 and seg.max() <= 7
+
+
+def test_preview_with_clusters_from_the_checkpoint(kbp, staged, tmp_path):
+    out = tmp_path / "clusters.png"
+    ckpt = fold_folder(kbp, "nnUNetTrainerSepaReg_test") / "checkpoint_final.pth"
+    proc = run(preview_cmd() + ["-d", DATASET, "--case", "openkbp_006", "-o", str(out), "--checkpoint", str(ckpt)],
+               kbp["env"])
+    assert "2 clusters" in proc.stdout and out.is_file()
+
+
+def test_byol_pretraining_reuses_the_cache_and_loads_as_pretrained_weights(kbp, staged):
+    proc = run(["nnUNetv2_train", DATASET, "3d_fullres", "0", "-tr", "nnUNetTrainerSepaRegBYOLPretrain_test",
+                "-device", "cpu"], kbp["env"])
+    assert "SepaReg separation:" not in proc.stdout  # every case was cached by the staged run
+    assert "SepaReg pool: 7 cases" in proc.stdout
+    ckpt = fold_folder(kbp, "nnUNetTrainerSepaRegBYOLPretrain_test") / "checkpoint_final.pth"
+    ok = run(["nnUNetv2_cl_check_pretrained", "-d", DATASET, "-c", "3d_fullres", "-pretrained_weights", str(ckpt)],
+             kbp["env"])
+    assert ok.stdout.startswith("OK")
