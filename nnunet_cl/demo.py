@@ -130,7 +130,8 @@ def main(argv=None):
         _run(["nnUNetv2_train", d, "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env, log)
         pred = work / "predictions" / trainer
         _run(["nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-o", str(pred), "-d", d, "-c", "3d_fullres",
-              "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], env, log)
+              "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"]
+             + (["--disable_tta"] if args.quick else []), env, log)
         _run(["nnUNetv2_evaluate_folder", str(dataset / "labelsTs"), str(pred), "-djfile",
               str(dataset / "dataset.json"), "-pfile", str(work / "nnUNet_results" / dataset.name /
                                                             f"{trainer}__nnUNetPlans__3d_fullres" / "plans.json")],

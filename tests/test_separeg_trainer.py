@@ -183,7 +183,7 @@ def test_simsiam_steps_on_a_fixed_batch_lower_the_loss(make_trainer):
         t.optimizer.zero_grad(set_to_none=True)
         loss = t.inter_organ_loss(views)
         t._backward_and_step(loss)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.05, losses
 
 
@@ -194,11 +194,11 @@ def test_distillation_loss_is_zero_when_student_equals_expert(make_trainer, dist
     assert t.phase() == DISTILL and t.sepa.working == ("student", None)
     batch = t.next_region_batch()
     loss = t.pretrain_losses(batch)[DISTILL]
-    assert float(loss) == pytest.approx(0.0, abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-5)
     # after the student moves, it no longer is the expert
     t.train_step(t.next_region_batch())
     t.train_step(t.next_region_batch())
-    assert float(t.pretrain_losses(t.next_region_batch())[DISTILL]) > 1e-6
+    assert float(t.pretrain_losses(t.next_region_batch())[DISTILL].detach()) > 1e-6
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -243,8 +243,10 @@ def test_checkpoint_resume_restores_the_phase_state(make_trainer, tmp_path, stop
 
 
 def test_pretrain_only_checkpoint_is_a_full_network(make_trainer, tmp_path):
-    t = make_trainer(nnUNetTrainerSepaRegPretrain)
-    assert t.finetune_epochs == 0 and t.num_epochs == t.pretrain_epochs
+    fresh = nnUNetTrainerSepaRegPretrain(tiny_plans(), "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))
+    assert fresh.finetune_epochs == 0 and fresh.pretrain_epochs == 50 + 4 * 10 + 40
+    t = make_trainer(nnUNetTrainerSepaRegPretrain, finetune_epochs=0)
+    assert t.num_epochs == t.pretrain_epochs
     t.current_epoch = t.pretrain_epochs - 1
     t.save_checkpoint(str(tmp_path / "final.pth"))
     ckpt = torch.load(tmp_path / "final.pth", weights_only=False)
@@ -252,10 +254,8 @@ def test_pretrain_only_checkpoint_is_a_full_network(make_trainer, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- end to end
-DATASET = "Dataset953_KBPSepaTest"
-LABELED = ["openkbp_001", "openkbp_002", "openkbp_003", "openkbp_004", "openkbp_005"]
-POOL_KBP = ["openkbp_006", "openkbp_007"]
-TEST_CASE = "openkbp_008"
+DATASET, DATASET_ID = "Dataset953_KBPSepaTest", "953"
+N_LABELED, N_POOL_KBP = 5, 2  # the first 5 OpenKBP cases labeled, the next 2 unlabeled, the next one to predict
 POOL_OTHER = "cptac_c3l00189.nii.gz"  # abdomen CT, 428x319x35 at 1x1x5 mm: resampled to the OpenKBP plans' spacing
 
 
@@ -293,21 +293,24 @@ def kbp(tmp_path_factory, shared_data):
     raw = root / "nnUNet_raw" / DATASET
     (raw / "imagesTr").mkdir(parents=True)
     (raw / "labelsTr").mkdir()
-    for c in LABELED:
+    cases = sorted(p.name[:-len("_0000.nii.gz")] for p in (src / "imagesTr").glob("*_0000.nii.gz"))
+    labeled, pool_kbp, test_case = cases[:N_LABELED], cases[N_LABELED:N_LABELED + N_POOL_KBP], cases[N_LABELED + N_POOL_KBP]
+    for c in labeled:
         _crop(src / "imagesTr" / f"{c}_0000.nii.gz", raw / "imagesTr" / f"{c}_0000.nii.gz")
         _crop(src / "labelsTr" / f"{c}.nii.gz", raw / "labelsTr" / f"{c}.nii.gz")
     dataset_json = json.loads((src / "dataset.json").read_text())
-    dataset_json["numTraining"] = len(LABELED)
+    dataset_json["numTraining"] = len(labeled)
     (raw / "dataset.json").write_text(json.dumps(dataset_json))
     unlabeled, test_in = root / "unlabeled", root / "test_in"
     unlabeled.mkdir(), test_in.mkdir()
-    for c in POOL_KBP:  # whole 128^3 volumes: only pretraining reads the pool
+    for c in pool_kbp:  # whole 128^3 volumes: only pretraining reads the pool
         shutil.copy(src / "imagesTr" / f"{c}_0000.nii.gz", unlabeled / f"{c}.nii.gz")
     shutil.copy(other, unlabeled / POOL_OTHER)
-    _crop(src / "imagesTr" / f"{TEST_CASE}_0000.nii.gz", test_in / f"{TEST_CASE}_0000.nii.gz")
-    run(["nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
-    run(["nnUNetv2_cl_add_unlabeled", "-d", DATASET, "-i", str(unlabeled), "-np", "1"], env)
-    return {"root": root, "env": env, "test_in": test_in, "pp": root / "nnUNet_preprocessed" / DATASET}
+    _crop(src / "imagesTr" / f"{test_case}_0000.nii.gz", test_in / f"{test_case}_0000.nii.gz")
+    run(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
+    run(["nnUNetv2_cl_add_unlabeled", "-d", DATASET_ID, "-i", str(unlabeled), "-np", "1"], env)
+    return {"root": root, "env": env, "test_in": test_in, "pp": root / "nnUNet_preprocessed" / DATASET,
+            "test_case": test_case, "pool_case": pool_kbp[0]}
 
 
 def fold_folder(kbp, trainer):
@@ -321,16 +324,16 @@ def preview_cmd():
 
 def test_preview_before_pretraining(kbp, tmp_path):
     out = tmp_path / "sep.png"
-    proc = run(preview_cmd() + ["-d", DATASET, "--case", "cptac_c3l00189", "-o", str(out)], kbp["env"])
+    proc = run(preview_cmd() + ["-d", DATASET_ID, "--case", "cptac_c3l00189", "-o", str(out)], kbp["env"])
     assert "pool_cptac_c3l00189" in proc.stdout and "kept" in proc.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = run(preview_cmd() + ["-d", DATASET, "--case", "nope", "-o", str(out)], kbp["env"], check=False)
+    bad = run(preview_cmd() + ["-d", DATASET_ID, "--case", "nope", "-o", str(out)], kbp["env"], check=False)
     assert bad.returncode != 0 and "Fix:" in bad.stderr
 
 
 @pytest.fixture(scope="module")
 def staged(kbp):
-    return run(["nnUNetv2_train", DATASET, "3d_fullres", "0", "-tr", "nnUNetTrainerSepaReg_test", "-device", "cpu"],
+    return run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", "nnUNetTrainerSepaReg_test", "-device", "cpu"],
                kbp["env"])
 
 
@@ -358,27 +361,27 @@ def test_staged_sepa_reg_trains_and_finetunes(kbp, staged):
 
 def test_predict_with_the_staged_model(kbp, staged, tmp_path):
     out = tmp_path / "pred"
-    run(["nnUNetv2_predict", "-i", str(kbp["test_in"]), "-o", str(out), "-d", DATASET, "-c", "3d_fullres",
+    run(["nnUNetv2_predict", "-i", str(kbp["test_in"]), "-o", str(out), "-d", DATASET_ID, "-c", "3d_fullres",
          "-tr", "nnUNetTrainerSepaReg_test", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
         kbp["env"])
-    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{TEST_CASE}.nii.gz")))
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{kbp['test_case']}.nii.gz")))
     assert seg.shape == (40, 56, 56) and seg.min() >= 0 and seg.max() <= 7
 
 
 def test_preview_with_clusters_from_the_checkpoint(kbp, staged, tmp_path):
     out = tmp_path / "clusters.png"
     ckpt = fold_folder(kbp, "nnUNetTrainerSepaReg_test") / "checkpoint_final.pth"
-    proc = run(preview_cmd() + ["-d", DATASET, "--case", "openkbp_006", "-o", str(out), "--checkpoint", str(ckpt)],
+    proc = run(preview_cmd() + ["-d", DATASET_ID, "--case", kbp["pool_case"], "-o", str(out), "--checkpoint", str(ckpt)],
                kbp["env"])
     assert "2 clusters" in proc.stdout and out.is_file()
 
 
 def test_byol_pretraining_reuses_the_cache_and_loads_as_pretrained_weights(kbp, staged):
-    proc = run(["nnUNetv2_train", DATASET, "3d_fullres", "0", "-tr", "nnUNetTrainerSepaRegBYOLPretrain_test",
+    proc = run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "0", "-tr", "nnUNetTrainerSepaRegBYOLPretrain_test",
                 "-device", "cpu"], kbp["env"])
     assert "SepaReg separation:" not in proc.stdout  # every case was cached by the staged run
     assert "SepaReg pool: 7 cases" in proc.stdout
     ckpt = fold_folder(kbp, "nnUNetTrainerSepaRegBYOLPretrain_test") / "checkpoint_final.pth"
-    ok = run(["nnUNetv2_cl_check_pretrained", "-d", DATASET, "-c", "3d_fullres", "-pretrained_weights", str(ckpt)],
+    ok = run(["nnUNetv2_cl_check_pretrained", "-d", DATASET_ID, "-c", "3d_fullres", "-pretrained_weights", str(ckpt)],
              kbp["env"])
     assert ok.stdout.startswith("OK")

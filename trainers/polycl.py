@@ -153,7 +153,7 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
             f"Pretraining pool: {len(members)} cases ({n_known} with organ presence from fold {self.fold}'s training "
             f"split, {len(members) - n_known} unknown); PolyCL-{self.strategy.upper()} ({self.loss_form}, "
             f"tau {self.temperature}), {batch // self.patches_per_case} scans x {self.patches_per_case} patches "
-            f"of {patch} per step (fine-tuning patch {list(self.configuration_manager.patch_size)})")
+            f"of {patch} per step (configuration patch {list(self.configuration_manager.patch_size)})")
         if self.strategy.upper() != "S" and n_known == 0:
             self.print_to_log_file(f"PolyCL-{self.strategy.upper()}: no pool case has known organ presence, so every "
                                    f"anchor falls back to S.")

@@ -26,7 +26,6 @@ checkpoint's extra state while a later pretraining phase still needs them. The s
 """
 from __future__ import annotations
 
-import copy
 import time
 from os.path import join
 
@@ -219,6 +218,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             raise ValueError(f"distill_loss must be 'cosine' or 'kl'; got {self.distill_loss!r}")
         if self.regions_per_step < 2:
             raise ValueError("regions_per_step must be >= 2 (the heads use batch normalisation)")
+        import copy
         enc = self.unwrapped_network.encoder
         channels = enc.output_channels[self.resolved_feature_stage()]
         mods = nn.ModuleDict({
@@ -362,6 +362,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
                                f"the distillation phase needs the base and the experts")
         entry = self.sepa.frozen.get(which)
         if entry is None:
+            import copy
             online = self._online()
             mod = nn.ModuleDict({k: copy.deepcopy(online[k]) for k in ("encoder", "local", "projector", "predictor")})
             for p in mod.parameters():
