@@ -69,10 +69,11 @@ def _real_dataset(src: Path, raw: Path, env: dict, log: Path, n_labeled: int, n_
     return out, pool
 
 
-def dice_table(scores: dict[str, dict]) -> str:
+def dice_table(scores: dict[str, dict], label_names: dict[str, int] | None = None) -> str:
     """Markdown table: per-class and mean foreground Dice of each arm on the held-out test cases."""
     classes = sorted({c for s in scores.values() for c in s["mean"]}, key=lambda c: int(c) if str(c).isdigit() else c)
-    lines = ["| arm | " + " | ".join(f"Dice class {c}" for c in classes) + " | mean foreground |",
+    names = {str(v): k for k, v in (label_names or {}).items() if isinstance(v, int)}
+    lines = ["| arm | " + " | ".join(f"Dice {names.get(str(c), c)}" for c in classes) + " | mean foreground |",
              "|---" * (len(classes) + 2) + "|"]
     for arm, s in scores.items():
         cells = [f"{s['mean'][c]['Dice']:.3f}" for c in classes]
@@ -137,7 +138,7 @@ def main(argv=None):
                                                             f"{trainer}__nnUNetPlans__3d_fullres" / "plans.json")],
              env, log)
         scores[arm] = json.loads((pred / "summary.json").read_text())
-    table = dice_table(scores)
+    table = dice_table(scores, json.loads((dataset / "dataset.json").read_text())["labels"])
     (work / "dice_table.md").write_text(table + "\n")
     print(f"\nDice on {len(list((dataset / 'labelsTs').iterdir()))} held-out test cases, {args.labeled} labeled "
           f"training cases ({'real data: ' + args.dataset if args.dataset else 'synthetic phantoms'}):\n")
