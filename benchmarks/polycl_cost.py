@@ -161,7 +161,8 @@ def main():
         lt = time_loaders(trainers, max(3, args.steps))
         lb = statistics.median(lt["nnUNetTrainer"])
         lines += ["", "| data loader, one batch, single process | ms / batch | ratio |", "|---|---|---|"]
-        lines += [f"| {n} | {statistics.median(t) * 1000:.0f} | {statistics.median(t) / lb:.2f} |" for n, t in lt.items()]
+        lines += [f"| {n} | {statistics.median(t) * 1000:.0f} | {statistics.median(t) / lb:.2f} |"
+                  for n, t in lt.items()]
     cmd = f"python benchmarks/polycl_cost.py -d {args.d} -c {args.c} --steps {args.steps} --strategy {args.strategy} " \
           f"--loss_form {args.loss_form}" + (" --loader" if args.loader else "")
     lines += ["", f"Command: {cmd}"]

@@ -76,6 +76,7 @@ def time_steps(trainers: dict, steps: int, warmup: int = 2) -> dict:
 
 def memory_case(args) -> None:
     """Child process: one plain step, optionally with the loss core on 4096 sampled voxels per patch."""
+    from nnunet_cl.features import tap
     from nnunet_cl.losses import masked_supcon
     from nnunet_cl.sampling import sample_voxels
 
@@ -83,11 +84,9 @@ def memory_case(args) -> None:
     batch = fake_batch(trainer, torch.Generator().manual_seed(0))
     if args.memory_case == "plain+core":
         net = trainer.network
-        feats = {}
-        stage = net.decoder.stages[-2]
-        stage.register_forward_hook(lambda m, i, o: feats.__setitem__("f", o))
         trainer.optimizer.zero_grad(set_to_none=True)
-        out = net(batch["data"])
+        with tap({"f": net.decoder.stages[-2]}) as feats:
+            out = net(batch["data"])
         seg = trainer.loss(out, batch["target"])
         f = feats["f"]
         proj = torch.nn.functional.normalize(f, dim=1)

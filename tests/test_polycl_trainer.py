@@ -9,7 +9,6 @@ plans variant; nnUNetv2_train with tiny PolyCL trainers (tests/ext_trainers); nn
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -293,7 +292,8 @@ N_LABELED = 4
 def run(cmd, env, check=True, timeout=900):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
     return proc
 
 
@@ -393,7 +393,8 @@ def test_pretrain_plans_variant(kbp, variant_run):
     log = variant_run["train"].stdout
     assert f"of {entry['patch_size']} per step" in log and "4 scans x 2 patches" in log
     ckpt = torch.load(variant_run["checkpoint"], map_location="cpu", weights_only=False)
-    assert ckpt["init_args"]["configuration"] == "3d_fullres_clpretrain" and np.isfinite(ckpt["logging"]["cl_polycl"]).all()
+    assert ckpt["init_args"]["configuration"] == "3d_fullres_clpretrain"
+    assert np.isfinite(ckpt["logging"]["cl_polycl"]).all()
     # what `nnUNetv2_train D 3d_fullres F -pretrained_weights` does, on the fine-tuning network
     dataset_json = json.loads((kbp["pre"] / "dataset.json").read_text())
     net = nnUNetTrainer.build_network_architecture(pm, parent, 1, len(dataset_json["labels"]), True)

@@ -1,0 +1,20 @@
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from torch import nn
+
+from nnunet_cl.features import decoder_stages, tap
+
+
+def test_decoder_taps_give_stage_outputs_and_leave_no_hooks():
+    net = PlainConvUNet(1, 3, (8, 16, 32), nn.Conv3d, 3, (1, 2, 2), (1, 1, 1), 2, (1, 1), True,
+                        nn.InstanceNorm3d, {"affine": True}, nonlin=nn.LeakyReLU, deep_supervision=False)
+    x = torch.randn(2, 1, 16, 16, 16)
+    with tap(decoder_stages(net, [0, 1])) as feats:
+        out = net(x)
+    assert feats["dec0"].shape == (2, 16, 8, 8, 8) and feats["dec1"].shape == (2, 8, 16, 16, 16)
+    assert out.shape == (2, 2, 16, 16, 16)
+    assert feats["dec1"].requires_grad  # usable in a loss
+    assert all(len(s._forward_hooks) == 0 for s in net.decoder.stages)
+    assert set(net.state_dict()) == set(PlainConvUNet(1, 3, (8, 16, 32), nn.Conv3d, 3, (1, 2, 2), (1, 1, 1), 2,
+                                                      (1, 1), True, nn.InstanceNorm3d, {"affine": True},
+                                                      nonlin=nn.LeakyReLU).state_dict())
