@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -35,8 +36,8 @@ from nnunet_cl.splits import draw_order
 DEFAULT_ID = 950
 CONFIG = "3d_fullres"
 BASE_PLANS = "nnUNetPlans"
-BENCH_PLANS = "nnUNetPlans_clBench"  # written only with --patch: same preprocessed data, other patch size
-SCHEDULE = "clBench"
+BENCH_PLANS = "nnUNetPlans_clBench"  # with --patch/--batch_size/--width: same preprocessed data, smaller training
+SCHEDULE, QUICK_SCHEDULE = "clBench", "clBenchQuick"
 SCRATCH, CEILING = "scratch", "ceiling"
 # arm name -> pretraining trainer (its schedule class is '<trainer>_<schedule>'); None: no pretraining
 KNOWN_ARMS = {SCRATCH: None, "simclr": "nnUNetTrainerSimCLRPretrain", "separeg": "nnUNetTrainerSepaRegPretrain",
@@ -46,7 +47,7 @@ PRETRAIN_KEY, PRETRAIN_FOLD = "pretrain", 0
 STATE_FILE, FOLDS_FILE, LOG_FILE, LOCK_FILE = "benchmark.json", "benchmark_folds.json", "benchmark_log.txt", ".lock"
 # settings that define the dataset and its splits: a rerun in the same --work must not change them
 FIXED_SETTINGS = ("source", "labels_folder", "dataset_json", "dataset_id", "name", "n_test", "n_val", "split_seed",
-                  "patch")
+                  "plans_variant")
 
 
 class BenchmarkError(RuntimeError):
@@ -75,7 +76,8 @@ def fold_key(kind: str, k, seed: int) -> str:
     return f"{kind}:k={k}:seed={seed}"
 
 
-def build_folds(train: list[str], val: list[str], ks: list[int], seeds: list[int], existing: list[dict] = ()) -> list[dict]:
+def build_folds(train: list[str], val: list[str], ks: list[int], seeds: list[int],
+                existing: list[dict] = ()) -> list[dict]:
     """Fold list for splits_final.json: the pretraining fold, one fold per (k, seed), one ceiling fold per seed.
 
     Fold 0 is the pretraining fold, with empty train and val: `nnunet_cl.pool.list_pool` excludes only a fold's
@@ -162,8 +164,10 @@ class Bench:
         self.work = Path(args.work).resolve()
         self.t0 = time.time()
         self.log = self.work / LOG_FILE
-        self.runs = self.work / "runs"
+        self.schedule = args.schedule or (QUICK_SCHEDULE if args.quick else SCHEDULE)
+        self.runs = self.work / "runs" / self.schedule  # a run of one schedule never counts for another
         self.failures: list[str] = []
+        self.last_cpu = 0.0
 
     # ---------------------------------------------------------------- output
     def say(self, msg: str) -> None:
@@ -172,10 +176,11 @@ class Bench:
         with open(self.log, "a") as f:
             f.write(line + "\n")
 
-    def run(self, cmd: list[str], env: dict, what: str) -> tuple[float, str]:
+    def run(self, cmd: list[str], env: dict, what: str, show: str | None = None) -> tuple[float, str]:
         """Run one command, its output appended to the log; (seconds, output). Raises BenchmarkError on failure."""
-        self.say(f"{what}: {' '.join(cmd)}")
+        self.say(f"{what}: {show or ' '.join(cmd)}")
         t = time.time()
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = []
         with open(self.log, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n")
@@ -187,11 +192,13 @@ class Bench:
                 out.append(line)
             code = proc.wait()
         took = time.time() - t
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes the data-augmentation workers it joined
+        self.last_cpu = round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 1)
         if code != 0:
             tail = "".join(out[-25:])
             raise BenchmarkError(f"{what} failed (exit {code}) after {_fmt(took)}: {' '.join(cmd)}\n"
                                  f"--- last lines (all in {self.log}) ---\n{tail}")
-        self.say(f"  {what} done in {_fmt(took)}")
+        self.say(f"  {what} done in {_fmt(took)} (CPU {_fmt(self.last_cpu)}, load {os.getloadavg()[0]:.1f})")
         return took, "".join(out)
 
     # ---------------------------------------------------------------- environment
@@ -206,6 +213,9 @@ class Bench:
         env.setdefault("nnUNet_compile", "0")
         env.setdefault("nnUNet_n_proc_DA", "2")
         env.setdefault("nnUNet_def_n_proc", "1")  # nnU-Net spawns 8 export/evaluation workers by default
+        env["PYTHONUNBUFFERED"] = "1"  # the log follows the commands live
+        # torch's OpenMP threads spin while waiting; on a CPU shared with other jobs that halves the speed
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         return env
 
     def results_root(self, arm: str | None) -> Path:
@@ -226,7 +236,7 @@ class Bench:
 
     @property
     def plans(self) -> str:
-        return BENCH_PLANS if self.settings.get("patch") else BASE_PLANS
+        return BENCH_PLANS if self.settings.get("plans_variant") else BASE_PLANS
 
     def load_state(self) -> dict:
         f = self.work / STATE_FILE
@@ -239,7 +249,7 @@ class Bench:
     def main(self) -> int:
         a = self.args
         self.work.mkdir(parents=True, exist_ok=True)
-        self.runs.mkdir(exist_ok=True)
+        self.runs.mkdir(parents=True, exist_ok=True)
         with _Lock(self.work / LOCK_FILE):
             self.state = self.load_state()
             if a.report_only:
@@ -256,17 +266,23 @@ class Bench:
             seeds = [a.seeds[0]] if a.quick else a.seeds
             wanted = [f for f in folds if f["kind"] != PRETRAIN_KEY and f["seed"] in seeds
                       and (f["kind"] == CEILING or f["k"] in ks)]
+            ceiling_seeds = seeds[:max(a.ceiling_seeds, 1)]
             plan = []  # (arm, pretrainer, fold), seed-major so a stopped run leaves whole seeds behind
             for seed in seeds:
                 for fold in [f for f in wanted if f["seed"] == seed]:
                     for arm, pre in arms:
-                        if (arm == CEILING) == (fold["kind"] == CEILING):
+                        if fold["kind"] == CEILING:
+                            if arm == CEILING and seed in ceiling_seeds:
+                                plan.append((arm, pre, fold))
+                        elif arm != CEILING:
                             plan.append((arm, pre, fold))
             skipped = self.state["skipped"]
             done = [p for p in plan if (self.runs / f"{run_id(p[0], p[2])}.json").is_file()]
             todo = [p for p in plan if p not in done and p[0] not in skipped]
-            self.say(f"{len(plan)} runs planned ({len(arms)} arms, k={ks}, seeds={seeds}): {len(done)} finished "
-                     f"before, {len(plan) - len(done) - len(todo)} of skipped arms, {len(todo)} to do")
+            with_ceiling = ceiling_seeds if any(x == CEILING for x, _ in arms) else []
+            self.say(f"Schedule {self.schedule}: {len(plan)} runs planned ({len(arms)} arms, k={ks}, seeds={seeds}, "
+                     f"ceiling seeds={with_ceiling}): {len(done)} finished before, "
+                     f"{len(plan) - len(done) - len(todo)} of skipped arms, {len(todo)} to do")
             pretrained: dict[str, str | None] = {}
             for i, (arm, pre, fold) in enumerate(todo, 1):
                 rid = run_id(arm, fold)
@@ -304,13 +320,15 @@ class Bench:
             settings = {"source": str(source), "labels_folder": a.labels_folder, "dataset_json": str(dj_file),
                         "dataset_id": int(a.dataset_id), "name": name, "n_test": int(a.n_test),
                         "n_val": int(a.n_val), "split_seed": int(a.split_seed),
-                        "patch": [int(p) for p in a.patch] if a.patch else None}
+                        "plans_variant": {k: v for k, v in (("patch", a.patch), ("batch_size", a.batch_size),
+                                                            ("width", a.width)) if v is not None} or None}
             if old:
                 changed = [k for k in FIXED_SETTINGS if old.get(k) != settings.get(k)]
                 if changed:
+                    diff = ", ".join(f"{k}: {old.get(k)} -> {settings.get(k)}" for k in changed)
                     raise BenchmarkError(
-                        f"{self.work} was made with other settings ({', '.join(f'{k}: {old.get(k)} -> {settings.get(k)}' for k in changed)}). "
-                        f"These define the test set and the splits. Fix: rerun with the same values, or use a new --work.")
+                        f"{self.work} was made with other settings ({diff}). These define the test set and the "
+                        f"splits. Fix: rerun with the same values, or use a new --work.")
         self.state["settings"] = settings
         self.state.setdefault("stages", {})
         self.save_state()
@@ -374,9 +392,10 @@ class Bench:
                                self.env(), "plan and preprocess")
             self.state["stages"]["preprocess"] = round(took, 1)
             self.save_state()
-        if s.get("patch") and not (self.pre_dataset / f"{BENCH_PLANS}.json").is_file():
-            write_patch_plans(self.pre_dataset, s["patch"])
-            self.say(f"Plans {BENCH_PLANS}: {CONFIG} patch {s['patch']} (same preprocessed data), for every arm")
+        if s.get("plans_variant") and not (self.pre_dataset / f"{BENCH_PLANS}.json").is_file():
+            cfg = write_bench_plans(self.pre_dataset, **s["plans_variant"])
+            self.say(f"Plans {BENCH_PLANS} for every arm (same preprocessed data): {CONFIG} patch {cfg['patch_size']}, "
+                     f"batch {cfg['batch_size']}, features {cfg['architecture']['arch_kwargs']['features_per_stage']}")
 
     def ingest_unlabeled(self) -> None:
         done = self.state["stages"].setdefault("unlabeled", {})
@@ -385,8 +404,8 @@ class Bench:
             if folder in done:
                 continue
             if self.state.get("pretrained"):
-                self.say(f"NOTE: {folder} joins the pool after some pretraining ran ({', '.join(self.state['pretrained'])}); "
-                         f"those keep their smaller pool unless you delete them")
+                self.say(f"NOTE: {folder} joins the pool after some pretraining ran "
+                         f"({', '.join(self.state['pretrained'])}); those keep their smaller pool until deleted")
             took, _ = self.run(["nnUNetv2_cl_add_unlabeled", "-d", str(self.settings["dataset_id"]), "-i", folder,
                                 "-p", self.plans, "-c", CONFIG, "-np", "2"], self.env(), "add unlabeled")
             done[folder] = round(took, 1)
@@ -411,7 +430,7 @@ class Bench:
 
     def check_trainers(self, arms) -> None:
         """Which trainers nnU-Net finds; arms whose pretraining schedule class is missing are skipped, with why."""
-        suffix = f"_{self.args.schedule}"
+        suffix = f"_{self.schedule}"
         names = [f"nnUNetTrainer{suffix}"] + [f"{p}{suffix}" for _, p in arms if p]
         code = ("import json, os, sys\n"
                 "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
@@ -429,7 +448,8 @@ class Bench:
                 "            pass\n"
                 "        out[n] = why\n"
                 "print('@@TRAINERS ' + json.dumps(out))\n")
-        _, out = self.run([sys.executable, "-c", code, suffix, *names], self.env(), "look up trainers")
+        _, out = self.run([sys.executable, "-c", code, suffix, *names], self.env(), "look up trainers",
+                          show=f"recursive_find_trainer_class_by_name {' '.join(names)}")
         found = json.loads(out.split("@@TRAINERS ", 1)[1].splitlines()[0])
         if found[names[0]] is not None:
             raise BenchmarkError(f"the fine-tuning trainer {names[0]} is not found: {found[names[0]]}. Fix: add "
@@ -437,8 +457,8 @@ class Bench:
                                  f"nnUNet_extTrainer at a folder defining it.")
         skipped = {}
         for arm, pre in arms:
-            if pre and found[f"{pre}_{self.args.schedule}"] is not None:
-                skipped[arm] = f"{pre}_{self.args.schedule}: {found[f'{pre}_{self.args.schedule}']}"
+            if pre and found[f"{pre}{suffix}"] is not None:
+                skipped[arm] = f"{pre}{suffix}: {found[f'{pre}{suffix}']}"
                 self.say(f"SKIPPED arm {arm}: {skipped[arm]}")
         self.state["skipped"] = skipped  # recomputed every invocation: an arm whose trainer landed runs next time
         self.save_state()
@@ -446,7 +466,7 @@ class Bench:
     # ---------------------------------------------------------------- runs
     def pretrain(self, arm: str, pretrainer: str) -> str | None:
         """Pretrain once per arm on the pretraining fold; the path of its checkpoint_final.pth (None if it failed)."""
-        trainer = f"{pretrainer}_{self.args.schedule}"
+        trainer = f"{pretrainer}_{self.schedule}"
         record_file = self.runs / f"pretrain__{arm}.json"
         folder = self.results_root(arm) / self.dataset / f"{trainer}__{self.plans}__{CONFIG}" / f"fold_{PRETRAIN_FOLD}"
         ckpt = folder / "checkpoint_final.pth"
@@ -465,6 +485,7 @@ class Bench:
             return None
         pool = re.findall(r"Pretraining pool: (\d+) cases", out)
         _save_json({"arm": arm, "trainer": trainer, "checkpoint": str(ckpt), "wall_s": round(took, 1),
+                    "cpu_s": self.last_cpu if took else None,
                     "epochs_s": _epoch_seconds(ckpt), "pool_cases": int(pool[-1]) if pool else None,
                     "resumed": resumed, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, record_file)
         self.state.setdefault("pretrained", {})[arm] = str(ckpt)
@@ -473,11 +494,11 @@ class Bench:
 
     def finetune_predict_score(self, arm: str, pretrainer: str | None, fold: dict, weights: str | None) -> None:
         s, rid = self.settings, run_id(arm, fold)
-        trainer = f"nnUNetTrainer_{self.args.schedule}"
+        trainer = f"nnUNetTrainer_{self.schedule}"
         env = self.env(arm)
         model = self.results_root(arm) / self.dataset / f"{trainer}__{self.plans}__{CONFIG}"
         fold_dir = model / f"fold_{fold['fold']}"
-        partial_file = self.runs / "partial" / f"{rid}.json"
+        partial_file = self.runs / "training" / f"{rid}.json"  # kept: a rerun may need the training time again
         partial = json.loads(partial_file.read_text()) if partial_file.is_file() else {}
         if not (fold_dir / "checkpoint_final.pth").is_file():
             cmd = ["nnUNetv2_train", str(s["dataset_id"]), CONFIG, str(fold["fold"]), "-tr", trainer, "-p", self.plans,
@@ -490,9 +511,9 @@ class Bench:
             took, out = self.run(cmd, env, f"fine-tune {rid}")
             if weights and not resumed and "Loading pretrained weights from file" not in out:
                 raise BenchmarkError(f"{rid}: nnU-Net did not report loading {weights}")
-            partial = {"finetune_wall_s": round(took, 1), "resumed": resumed}
+            partial = {"finetune_wall_s": round(took, 1), "finetune_cpu_s": self.last_cpu, "resumed": resumed}
             _save_json(partial, partial_file)
-        pred = self.work / "predictions" / arm / rid
+        pred = self.work / "predictions" / self.schedule / arm / rid
         shutil.rmtree(pred, ignore_errors=True)  # a prediction is cheap; never score a half-written one
         cmd = ["nnUNetv2_predict", "-i", str(self.raw_dataset / "imagesTs"), "-o", str(pred), "-d",
                str(s["dataset_id"]), "-p", self.plans, "-c", CONFIG, "-tr", trainer, "-f", str(fold["fold"]),
@@ -500,6 +521,7 @@ class Bench:
         if not self.args.tta:
             cmd.append("--disable_tta")
         t_pred, _ = self.run(cmd, env, f"predict {rid}")
+        cpu_pred = self.last_cpu
         t_eval, _ = self.run(["nnUNetv2_evaluate_folder", str(self.raw_dataset / "labelsTs"), str(pred), "-djfile",
                               str(self.raw_dataset / "dataset.json"), "-pfile", str(model / "plans.json"), "-np", "1"],
                              env, f"evaluate {rid}")
@@ -512,7 +534,8 @@ class Bench:
             "arm": arm, "kind": fold["kind"], "k": fold["k"], "seed": fold["seed"], "fold": fold["fold"],
             "train_cases": fold["train"], "n_val": len(fold["val"]), "n_test": n_scored,
             "finetune_trainer": trainer, "plans": self.plans, "pretrain_trainer":
-                f"{pretrainer}_{self.args.schedule}" if pretrainer else None, "pretrained_weights": weights,
+                f"{pretrainer}_{self.schedule}" if pretrainer else None, "pretrained_weights": weights,
+            "schedule": self.schedule,
             "tta": bool(self.args.tta),
             "dice": {c: _num(v["Dice"]) for c, v in summary["mean"].items() if str(c) != "0"},
             "mean_fg_dice": _num(summary["foreground_mean"]["Dice"]),
@@ -520,12 +543,12 @@ class Bench:
             "wall_s": {"pretrain": json.loads(pre_record.read_text())["wall_s"] if pretrainer and pre_record.is_file()
                        else None, "finetune": partial.get("finetune_wall_s"), "predict": round(t_pred, 1),
                        "evaluate": round(t_eval, 1)},
+            "cpu_s": {"finetune": partial.get("finetune_cpu_s"), "predict": cpu_pred, "evaluate": self.last_cpu},
             "finetune_epochs_s": _epoch_seconds(fold_dir / "checkpoint_final.pth"),
             "resumed": partial.get("resumed", False), "summary_json": str(pred / "summary.json"),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         _save_json(record, self.runs / f"{rid}.json")
-        partial_file.unlink(missing_ok=True)
         names = record["labels"]
         per_class = ", ".join(f"{names.get(c, c)} {v:.3f}" for c, v in record["dice"].items() if v is not None)
         self.say(f"  {rid}: mean foreground Dice {record['mean_fg_dice']:.4f} ({per_class})")
@@ -534,8 +557,9 @@ class Bench:
         from nnunet_cl.benchmark_report import write_report
         skipped = self.state.get("skipped", {})
         settings = self.state.get("settings", {})
-        paths = write_report(self.runs, self.work, skipped=skipped,
-                             title=f"{settings.get('name', 'benchmark')}: {settings.get('n_test', '?')} held-out test cases")
+        paths = write_report(self.runs, self.work, skipped=skipped, suffix=f"_{self.schedule}",
+                             title=f"{settings.get('name', 'benchmark')}, schedule {self.schedule}: "
+                                   f"{settings.get('n_test', '?')} held-out test cases")
         if final:
             if paths:
                 self.say(f"Table: {paths['md']} and {paths['csv']}; plot: {paths['png']}")
@@ -553,20 +577,36 @@ class Bench:
 # ------------------------------------------------------------------------------------------------------------
 # helpers
 
-def write_patch_plans(pre_dataset: Path, patch: list[int]) -> None:
-    """nnUNetPlans_clBench.json: nnUNetPlans with another 3d_fullres patch size, same network and data.
+def write_bench_plans(pre_dataset: Path, patch: list[int] | None = None, batch_size: int | None = None,
+                      width: int | None = None) -> dict:
+    """nnUNetPlans_clBench.json: nnUNetPlans with a smaller 3d_fullres training, same preprocessed data.
 
-    The patch must be divisible by the network's total stride on every axis; every arm trains with these plans.
+    patch: patch size, divisible by the network's total stride on every axis; batch_size: samples per step;
+    width: features of the first stage, every stage scaled alike (nnU-Net's 32 -> 16 halves them all). The
+    network stays nnU-Net's PlainConvUNet with the same stages; every arm trains and predicts with these plans.
+    Returns the new 3d_fullres configuration.
     """
     plans = json.loads((pre_dataset / f"{BASE_PLANS}.json").read_text())
     cfg = plans["configurations"][CONFIG]
-    strides = np.prod(np.array(cfg["architecture"]["arch_kwargs"]["strides"]), axis=0)
-    if len(patch) != len(strides) or any(p % s for p, s in zip(patch, strides)):
-        raise BenchmarkError(f"--patch {patch} must have {len(strides)} sizes, each divisible by the network's total "
-                             f"stride {strides.tolist()} (plans' patch: {cfg['patch_size']})")
-    cfg["patch_size"] = [int(p) for p in patch]
+    arch = cfg["architecture"]["arch_kwargs"]
+    if patch is not None:
+        strides = np.prod(np.array(arch["strides"]), axis=0)
+        if len(patch) != len(strides) or any(p < 1 or p % s for p, s in zip(patch, strides)):
+            raise BenchmarkError(f"--patch {patch} must have {len(strides)} sizes, each a multiple of the network's "
+                                 f"total stride {strides.tolist()} (the plans' patch is {cfg['patch_size']})")
+        cfg["patch_size"] = [int(p) for p in patch]
+    if batch_size is not None:
+        if batch_size < 1:
+            raise BenchmarkError(f"--batch_size must be at least 1, got {batch_size}")
+        cfg["batch_size"] = int(batch_size)
+    if width is not None:
+        first = arch["features_per_stage"][0]
+        if width < 1:
+            raise BenchmarkError(f"--width must be at least 1, got {width}")
+        arch["features_per_stage"] = [max(1, int(f * width // first)) for f in arch["features_per_stage"]]
     plans["plans_name"] = BENCH_PLANS
     _save_json(plans, pre_dataset / f"{BENCH_PLANS}.json")
+    return cfg
 
 
 def _epoch_seconds(checkpoint: Path) -> float | None:
@@ -646,11 +686,18 @@ def main(argv=None) -> None:
     p.add_argument("--extra_unlabeled", nargs="+", default=None, help="folders of unlabeled scans for the pool")
     p.add_argument("--labels_folder", default="labelsTr", help="label folder of SOURCE (default labelsTr)")
     p.add_argument("--dataset_json", default=None, help="dataset.json to use (default SOURCE/dataset.json)")
-    p.add_argument("--quick", action="store_true", help="only the first --k and the first --seeds")
+    p.add_argument("--quick", action="store_true",
+                   help=f"only the first --k and the first --seeds, with the short schedule {QUICK_SCHEDULE}")
     p.add_argument("--patch", type=int, nargs=3, default=None,
-                   help="3d_fullres patch size for every arm (a plans variant on the same preprocessed data)")
-    p.add_argument("--schedule", default=SCHEDULE,
-                   help=f"trainer suffix: nnUNetTrainer_<schedule> and <pretrainer>_<schedule> (default {SCHEDULE})")
+                   help="3d_fullres patch size for every arm (plans variant nnUNetPlans_clBench, same data)")
+    p.add_argument("--batch_size", type=int, default=None, help="fine-tuning batch size for every arm (plans variant)")
+    p.add_argument("--width", type=int, default=None,
+                   help="features of the network's first stage, all stages scaled alike, for every arm (plans variant)")
+    p.add_argument("--schedule", default=None,
+                   help=f"trainer suffix: nnUNetTrainer_<schedule> and <pretrainer>_<schedule> (default {SCHEDULE}; "
+                        f"{QUICK_SCHEDULE} with --quick)")
+    p.add_argument("--ceiling_seeds", type=int, default=1,
+                   help="run the ceiling for the first N seeds (default 1: its training cases do not depend on it)")
     p.add_argument("--tta", action="store_true", help="predict with nnU-Net's mirroring (default off, 8x cheaper)")
     p.add_argument("--report_only", action="store_true", help="only rewrite the table and plot from --work/runs")
     args = p.parse_args(argv)

@@ -1,9 +1,9 @@
 """Table and plot of `nnUNetv2_cl_benchmark` from its per-run JSON files (work/runs/*.json).
 
-- results.md / results.csv: one row per arm and k; Dice per class and mean foreground Dice as mean ± std over
+- results_<schedule>.md / .csv: one row per arm and k; Dice per class and mean foreground Dice as mean ± std over
   seeds (sample std; '—' with one seed), the number of seeds, the paired difference to scratch (same k and seed,
   so the same labeled cases), and wall times (fine-tuning, prediction per run; pretraining once per method).
-- dice_vs_labels.png: mean foreground Dice against the number of labeled cases, one line per arm, error bars
+- dice_vs_labels_<schedule>.png: mean foreground Dice against the number of labeled cases, one line per arm, error bars
   = std over seeds; the ceiling (all non-validation labels) as a horizontal line with its spread as a band.
 """
 import csv
@@ -28,7 +28,8 @@ def load_runs(runs_dir) -> list[dict]:
 
 
 def load_pretraining(runs_dir) -> dict:
-    return {json.loads(f.read_text())["arm"]: json.loads(f.read_text()) for f in Path(runs_dir).glob("pretrain__*.json")}
+    records = [json.loads(f.read_text()) for f in Path(runs_dir).glob("pretrain__*.json")]
+    return {r["arm"]: r for r in records}
 
 
 def _stats(values) -> tuple[float, float, int]:
@@ -138,6 +139,16 @@ def plot(rows, path, title: str = "") -> None:
                    label=f"ceiling: all {r['k']} labels (seeds: {n})")
         if not math.isnan(s):
             ax.axhspan(m - s, m + s, color="black", alpha=0.08)
+    # Dice axis: every point, bar and the ceiling band in view, at least 0.1 tall so noise does not look like a trend
+    lows = [r["mean_fg"][0] - np.nan_to_num(r["mean_fg"][1]) for r in rows if not math.isnan(r["mean_fg"][0])]
+    highs = [r["mean_fg"][0] + np.nan_to_num(r["mean_fg"][1]) for r in rows if not math.isnan(r["mean_fg"][0])]
+    if lows:
+        lo, hi = min(lows), max(highs)
+        pad = max(0.02, (0.1 - (hi - lo)) / 2)
+        bottom, top = max(0.0, lo - pad), min(1.0, hi + pad)
+        if top - bottom < 0.1:  # squeezed against 0 or 1
+            bottom, top = (0.9, 1.0) if top >= 1.0 else (bottom, bottom + 0.1)
+        ax.set_ylim(bottom, top)
     if ks:
         ax.set_xscale("log")
         ax.set_xticks(ks)
@@ -149,15 +160,15 @@ def plot(rows, path, title: str = "") -> None:
     ax.tick_params(labelsize=11)
     ax.grid(True, alpha=0.3)
     ax.set_title(title or "Dice against labeled cases", fontsize=12)
-    ax.legend(fontsize=10, loc="lower right")
+    ax.legend(fontsize=10, loc="best")
     fig.text(0.01, 0.01, "error bars / band: std over seeds", fontsize=9, color="0.35")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
 
-def write_report(runs_dir, out_dir, skipped: dict | None = None, title: str = "") -> dict | None:
-    """Write results.md, results.csv and dice_vs_labels.png into out_dir; None when no run has finished."""
+def write_report(runs_dir, out_dir, skipped: dict | None = None, title: str = "", suffix: str = "") -> dict | None:
+    """Write results<suffix>.md, .csv and dice_vs_labels<suffix>.png into out_dir; None when no run has finished."""
     runs = load_runs(runs_dir)
     if not runs:
         return None
@@ -167,7 +178,8 @@ def write_report(runs_dir, out_dir, skipped: dict | None = None, title: str = ""
         if r["arm"] in pre:
             r["pretrain_s"] = pre[r["arm"]]["wall_s"]
     out = Path(out_dir)
-    paths = {"md": out / "results.md", "csv": out / "results.csv", "png": out / "dice_vs_labels.png"}
+    paths = {"md": out / f"results{suffix}.md", "csv": out / f"results{suffix}.csv",
+             "png": out / f"dice_vs_labels{suffix}.png"}
     paths["md"].write_text(f"{title}\n\n" + markdown_table(rows, classes, labels, skipped) if title
                            else markdown_table(rows, classes, labels, skipped))
     write_csv(rows, classes, labels, paths["csv"])

@@ -100,10 +100,12 @@ def test_table_and_plot_from_run_files(tmp_path):
     md = Path(paths["md"]).read_text()
     assert "| scratch | 2 | 2 | 0.550 ± 0.071 | 0.650 ± 0.071 | **0.600 ± 0.071** |" in md
     # simclr minus scratch on the same seed: 0.65 - 0.55 and 0.75 - 0.65
-    assert "| simclr | 2 | 2 | 0.600 ± 0.000 | 0.800 ± 0.141 | **0.700 ± 0.071** | 0.100 ± 0.000 | 2.0 | 0.5 | 10.0 |" in md
+    assert ("| simclr | 2 | 2 | 0.600 ± 0.000 | 0.800 ± 0.141 | **0.700 ± 0.071** | 0.100 ± 0.000 | 2.0 | 0.5 | "
+            "10.0 |") in md
     assert "| ceiling | all (20) | 1 |" in md and "skipped arm **polycl**" in md
     rows = list(csv.DictReader(open(paths["csv"])))
-    assert [(r["arm"], r["k"]) for r in rows] == [("scratch", "2"), ("scratch", "5"), ("simclr", "2"), ("ceiling", "20")]
+    assert [(r["arm"], r["k"]) for r in rows] == [("scratch", "2"), ("scratch", "5"), ("simclr", "2"),
+                                                  ("ceiling", "20")]
     assert float(rows[0]["mean_fg_dice_mean"]) == pytest.approx(0.6) and rows[1]["mean_fg_dice_std"] == ""
     from PIL import Image
     assert Image.open(paths["png"]).size[0] >= 800
@@ -115,7 +117,8 @@ def test_table_and_plot_from_run_files(tmp_path):
 def _bench_cmd(src, work, unlabeled):
     return [sys.executable, "-m", "nnunet_cl.benchmark", "-i", str(src), "--work", str(work), "--k", "2",
             "--seeds", "0", "--arms", "scratch", "simclr", "missing=nnUNetTrainerMissingPretrain",
-            "--n_test", "2", "--n_val", "2", "--schedule", "clBenchTest", "--extra_unlabeled", str(unlabeled)]
+            "--n_test", "2", "--n_val", "1", "--schedule", "clBenchTest", "--extra_unlabeled", str(unlabeled),
+            "--batch_size", "2", "--width", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +147,15 @@ def test_dataset_test_set_never_trained_or_pretrained_on(bench):
     train_imgs = {p.name[:-len("_0000.nii.gz")] for p in (raw / "imagesTr").glob("*_0000.nii.gz")}
     assert not train_imgs & test and train_imgs == set(folds["train_candidates"]) | set(folds["val"])
     pre = work / "nnUNet_preprocessed" / "Dataset950_Phantom"
+    # every arm trains with the same reduced plans on the same preprocessed data
+    plans = json.loads((pre / "nnUNetPlans_clBench.json").read_text())["configurations"]["3d_fullres"]
+    assert plans["batch_size"] == 2 and plans["architecture"]["arch_kwargs"]["features_per_stage"][:2] == [8, 16]
+    assert plans["data_identifier"] == "nnUNetPlans_3d_fullres"
     splits = json.loads((pre / "splits_final.json").read_text())
     assert splits == [{"train": f["train"], "val": f["val"]} for f in folds["folds"]]
     for f in folds["folds"]:
         assert not set(f["train"]) & test and not set(f["val"]) & test and not set(f["train"]) & set(f["val"])
-    # the pool pretraining reads (fold 0): all 8 training images and the 2 ingested scans, no test case
+    # the pool pretraining reads (fold 0): all 8 training images (validation included) and the 2 ingested scans
     from nnunet_cl.pool import list_pool
     pool = [i for _, i in list_pool(str(pre), "nnUNetPlans_3d_fullres", PRETRAIN_FOLD)]
     assert len(pool) == 10 and not set(pool) & test
@@ -159,32 +166,34 @@ def test_dataset_test_set_never_trained_or_pretrained_on(bench):
 
 def test_runs_table_plot_and_skipped_arm(bench):
     work = bench["work"]
-    scratch = json.loads((work / "runs" / "scratch__k2__seed0.json").read_text())
-    simclr = json.loads((work / "runs" / "simclr__k2__seed0.json").read_text())
+    runs = work / "runs" / "clBenchTest"
+    scratch = json.loads((runs / "scratch__k2__seed0.json").read_text())
+    simclr = json.loads((runs / "simclr__k2__seed0.json").read_text())
     for r in (scratch, simclr):
         assert r["k"] == 2 and len(r["train_cases"]) == 2 and r["n_test"] == 2 and r["finetune_trainer"] == \
             "nnUNetTrainer_clBenchTest" and set(r["dice"]) == {"1", "2", "3", "4"}
         assert 0 <= r["mean_fg_dice"] <= 1 and r["wall_s"]["finetune"] > 0 and r["wall_s"]["predict"] > 0
+        assert r["plans"] == "nnUNetPlans_clBench" and r["n_val"] == 1
     assert scratch["fold"] == simclr["fold"] and scratch["train_cases"] == simclr["train_cases"]
     assert scratch["pretrained_weights"] is None
     assert simclr["pretrained_weights"].endswith(
-        "nnUNetTrainerSimCLRPretrain_clBenchTest__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth")
+        "nnUNetTrainerSimCLRPretrain_clBenchTest__nnUNetPlans_clBench__3d_fullres/fold_0/checkpoint_final.pth")
     log = (work / "benchmark_log.txt").read_text()
     assert log.count("Loading pretrained weights from file") == 1  # simclr only, scratch starts from nothing
-    pre = json.loads((work / "runs" / "pretrain__simclr.json").read_text())
+    pre = json.loads((runs / "pretrain__simclr.json").read_text())
     assert pre["pool_cases"] == 10 and pre["wall_s"] > 0
-    md = (work / "results.md").read_text()
+    md = (work / "results_clBenchTest.md").read_text()
     assert "| scratch | 2 | 1 |" in md and "| simclr | 2 | 1 |" in md
     assert "skipped arm **missing**: nnUNetTrainerMissingPretrain_clBenchTest" in md
     assert "SKIPPED arm missing" in bench["first"].stdout
-    rows = list(csv.DictReader(open(work / "results.csv")))
+    rows = list(csv.DictReader(open(work / "results_clBenchTest.csv")))
     assert {r["arm"] for r in rows} == {"scratch", "simclr"}
-    assert (work / "dice_vs_labels.png").stat().st_size > 10_000
+    assert (work / "dice_vs_labels_clBenchTest.png").stat().st_size > 10_000
     print(f"first benchmark invocation: {bench['seconds']:.0f} s")
 
 
 def test_rerun_skips_finished_runs(bench, tmp_path):
-    work, runs = bench["work"], bench["work"] / "runs"
+    work, runs = bench["work"], bench["work"] / "runs" / "clBenchTest"
     scratch_file, simclr_file = runs / "scratch__k2__seed0.json", runs / "simclr__k2__seed0.json"
     before = scratch_file.stat().st_mtime_ns
     simclr_file.unlink()  # as if the run stopped after its training finished
@@ -193,6 +202,7 @@ def test_rerun_skips_finished_runs(bench, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     assert "1 finished before" in proc.stdout and "1 to do" in proc.stdout
     assert scratch_file.stat().st_mtime_ns == before and simclr_file.is_file()
+    assert json.loads(simclr_file.read_text())["wall_s"]["finetune"] > 0  # the training time was kept
     with open(work / "benchmark_log.txt") as f:
         f.seek(log_size)
         second = f.read()
@@ -201,6 +211,7 @@ def test_rerun_skips_finished_runs(bench, tmp_path):
     assert "nnUNetv2_cl_add_unlabeled" not in second
     assert second.count("$ nnUNetv2_predict") == 1 and second.count("$ nnUNetv2_evaluate_folder") == 1
     # a work folder remembers its test set: other settings are refused
-    other = bench["cmd"][:bench["cmd"].index("--n_test") + 1] + ["3"] + bench["cmd"][bench["cmd"].index("--n_test") + 2:]
+    i = bench["cmd"].index("--n_test")
+    other = bench["cmd"][:i + 1] + ["3"] + bench["cmd"][i + 2:]
     proc = subprocess.run(other, env=bench["env"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "n_test: 2 -> 3" in proc.stderr

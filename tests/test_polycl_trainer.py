@@ -308,7 +308,12 @@ def kbp(tmp_path_factory, shared_data):
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (root / name).mkdir()
         env[name] = str(root / name)
-    env.update(nnUNet_extTrainer=os.pathsep.join([ext_trainer_path(), str(TESTS / "ext_trainers")]),
+    # only our tiny trainers: nnU-Net imports every module of an extTrainer folder, so another method's test
+    # trainers in tests/ext_trainers could otherwise break this test
+    ext = root / "ext_trainers"
+    ext.mkdir()
+    os.symlink(TESTS / "ext_trainers" / "polycl_test_trainers.py", ext / "polycl_test_trainers.py")
+    env.update(nnUNet_extTrainer=os.pathsep.join([ext_trainer_path(), str(ext)]),
                nnUNet_compile="0", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1")
     cases = sorted(p.name[:-len("_0000.nii.gz")] for p in (src / "imagesTr").glob("*_0000.nii.gz"))[:N_LABELED + 3]
     raw = root / "nnUNet_raw" / DATASET

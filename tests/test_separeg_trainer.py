@@ -288,7 +288,12 @@ def kbp(tmp_path_factory, shared_data):
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (root / name).mkdir()
         env[name] = str(root / name)
-    env.update(nnUNet_extTrainer=os.pathsep.join([ext_trainer_path(), str(TESTS / "ext_trainers")]),
+    # only our tiny trainers on the second extTrainer path: nnU-Net imports every module there, so an unrelated
+    # test module that fails to import must not break this test
+    ext = root / "ext_trainers"
+    ext.mkdir()
+    shutil.copy(TESTS / "ext_trainers" / "separeg_test_trainers.py", ext)
+    env.update(nnUNet_extTrainer=os.pathsep.join([ext_trainer_path(), str(ext)]),
                nnUNet_compile="0", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1")
     raw = root / "nnUNet_raw" / DATASET
     (raw / "imagesTr").mkdir(parents=True)
@@ -354,7 +359,7 @@ def test_staged_sepa_reg_trains_and_finetunes(kbp, staged):
     assert finite("cl_distill") == [False, False, False, True, False]
     assert finite("mean_fg_dice") == [False] * 4 + [True]
     extra = ckpt["nnunet_cl"]["extra"]
-    assert "base" not in extra and len(extra["assignments"]) == len(extra["region_id"]) > 100
+    assert "base" not in extra and len(extra["assignments"]) == len(extra["region_id"]) > 30
     assert (fold / "checkpoint_pretrained.pth").is_file() and (fold / "validation" / "summary.json").is_file()
     assert "training expert 1 from the base" in staged.stdout and "Stage switch at epoch 4" in staged.stdout
 

@@ -8,3 +8,4 @@ from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLR, nnUNetTrainerSimCLRPr
 from nnunet_cl_trainers.variants import *  # noqa: F401,F403
 from nnunet_cl_trainers.demo import (nnUNetTrainer_clDemo, nnUNetTrainer_clDemoQuick, nnUNetTrainerSimCLR_clDemo,
                                      nnUNetTrainerSimCLR_clDemoQuick)
+from nnunet_cl_trainers.separeg import *  # noqa: F401,F403

@@ -1,14 +1,14 @@
 """Schedules of `nnUNetv2_cl_benchmark` (docs/benchmarks.md): one supervised schedule shared by every arm, and
-one pretraining schedule per contrastive method.
+one pretraining schedule per contrastive method, in two sizes: `clBench` (the full table) and `clBenchQuick`.
 
 - `nnUNetTrainer_clBench` is plain nnU-Net with fewer epochs and iterations. Every arm fine-tunes with it:
   scratch without weights, each contrastive arm with `-pretrained_weights` of its pretraining run, the
   ceiling on all non-validation labels. Plans, network, iterations and augmentation are therefore identical;
   only the initialisation differs.
 - `nnUNetTrainer<Method>Pretrain_clBench` pretrains on the pool only (`finetune_epochs = 0`); its
-  `checkpoint_final.pth` is what the fine-tuning runs load.
+  `checkpoint_final.pth` is what the fine-tuning runs load. Every method gets the same number of steps.
 
-Methods written in other modules (SepaReg, PolyCL) get their schedule class only when their module imports and
+Methods written in other modules (SepaReg, PolyCL) get their schedule classes only when their module imports and
 has the class: nnU-Net imports every trainer module when it looks one up, so a missing or broken method must
 never break this module. Why a class is missing is kept in `UNAVAILABLE` (the benchmark reports it).
 """
@@ -19,39 +19,76 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLRPretrain
 
-# Sized for a 2-core CPU on MSD Hippocampus (patch 40x56x40, batch 7); the arithmetic is in docs/benchmarks.md.
-FINETUNE_EPOCHS = 20
-FINETUNE_ITERATIONS = 25
-FINETUNE_VAL_ITERATIONS = 4
-PRETRAIN_EPOCHS = 20
-PRETRAIN_ITERATIONS = 25
-
-# Pretraining schedule per method: the same number of steps (PRETRAIN_EPOCHS x PRETRAIN_ITERATIONS) for each;
-# SepaReg splits its epochs into phases (region + k experts + distillation, the paper's 50:40:40 ratio).
-PRETRAIN_SCHEDULES = {
-    "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": PRETRAIN_EPOCHS},
-    "nnUNetTrainerSepaRegPretrain": {"region_epochs": 8, "k": 4, "expert_epochs": 2, "distill_epochs": 4},
-    "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": PRETRAIN_EPOCHS},
+# Sized for a 2-core CPU on MSD Hippocampus with the benchmark's plans variant (patch 40x56x40, batch 2, features
+# 16-128); the arithmetic is in docs/benchmarks.md. Per schedule:
+#   finetune: (epochs, iterations per epoch, validation iterations per epoch)
+#   pretrain_iterations: iterations per pretraining epoch, every method
+#   pretrain: {pretraining trainer: attributes}; the same number of epochs for each method. SepaReg's epochs
+#             are its phases: region + k experts x expert_epochs + distillation.
+SCHEDULES = {
+    "clBench": {
+        "finetune": (10, 25, 3),  # 250 steps
+        "pretrain_iterations": 25,
+        "pretrain": {
+            # SimCLR's negatives are the other samples of the step: 8 samples (16 views), not the batch of 2
+            "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 8, "pretrain_batch_size": 8},
+            "nnUNetTrainerSepaRegPretrain": {"region_epochs": 2, "k": 4, "expert_epochs": 1, "distill_epochs": 2},
+            "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 8},
+        },
+    },
+    "clBenchQuick": {
+        "finetune": (5, 20, 2),  # 100 steps
+        "pretrain_iterations": 10,
+        "pretrain": {
+            "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 6, "pretrain_batch_size": 8},
+            "nnUNetTrainerSepaRegPretrain": {"region_epochs": 1, "k": 4, "expert_epochs": 1, "distill_epochs": 1},
+            "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 6},
+        },
+    },
 }
 
 
 class nnUNetTrainer_clBench(nnUNetTrainer):
-    """nnU-Net with the benchmark's supervised schedule; every arm fine-tunes with exactly this class."""
+    """nnU-Net with the benchmark's supervised schedule; every arm fine-tunes with exactly this class.
+
+    Training is nnUNetTrainer's, with fewer epochs and iterations. The one other change: no final validation
+    (nnU-Net predicting every validation case with test-time mirroring after training). The benchmark scores the
+    held-out test set itself, and on a 2-core CPU that validation costs minutes per run; it never changes the
+    model. `final_validation = True` brings it back.
+    """
+
+    schedule = "clBench"
+    final_validation = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = FINETUNE_EPOCHS
-        self.num_iterations_per_epoch = FINETUNE_ITERATIONS
-        self.num_val_iterations_per_epoch = FINETUNE_VAL_ITERATIONS
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = \
+            SCHEDULES[self.schedule]["finetune"]
+        self.save_every = 1  # checkpoint_latest after every epoch: an interrupted benchmark resumes with --c
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self.final_validation:
+            return super().perform_actual_validation(save_probabilities)
+        self.print_to_log_file("No final validation (nnUNetTrainer_clBench): the benchmark predicts and scores the "
+                               "held-out test set with nnUNetv2_predict and nnUNetv2_evaluate_folder.")
 
 
-def pretrain_schedule(base: type, attrs: dict, suffix: str = "clBench", iterations: int = PRETRAIN_ITERATIONS,
+class nnUNetTrainer_clBenchQuick(nnUNetTrainer_clBench):
+    """The fine-tuning schedule of `nnUNetv2_cl_benchmark --quick`."""
+
+    schedule = "clBenchQuick"
+
+
+def pretrain_schedule(base: type, attrs: dict, suffix: str = "clBench", iterations: int | None = None,
                       module: str = __name__) -> type:
     """Subclass `<base>_<suffix>` of a pretraining-only trainer that only sets its stage lengths (`attrs`).
 
-    `module` must be the module whose namespace receives the class (for pickling by nnU-Net's workers).
+    iterations: per pretraining epoch (default: the schedule's). `module` must be the module whose namespace
+    receives the class (for pickling by nnU-Net's workers).
     """
+    if iterations is None:
+        iterations = SCHEDULES[suffix]["pretrain_iterations"]
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -62,6 +99,7 @@ def pretrain_schedule(base: type, attrs: dict, suffix: str = "clBench", iteratio
             setattr(self, key, value)
         self.pretrain_iterations_per_epoch = iterations
         self.finetune_epochs = 0
+        self.save_every = 1  # checkpoint_latest after every epoch: an interrupted benchmark resumes with --c
 
     text = ", ".join(f"{k}={v}" for k, v in attrs.items())
     return type(f"{base.__name__}_{suffix}", (base,),
@@ -70,26 +108,29 @@ def pretrain_schedule(base: type, attrs: dict, suffix: str = "clBench", iteratio
                             f"checkpoint_final.pth goes to nnUNetTrainer_{suffix} -pretrained_weights."})
 
 
-nnUNetTrainerSimCLRPretrain_clBench = pretrain_schedule(nnUNetTrainerSimCLRPretrain,
-                                                        PRETRAIN_SCHEDULES["nnUNetTrainerSimCLRPretrain"])
+def _define(base: type) -> None:
+    for suffix, schedule in SCHEDULES.items():
+        cls = pretrain_schedule(base, schedule["pretrain"][base.__name__], suffix)
+        globals()[cls.__name__] = cls
 
-# {pretraining trainer: why it (and so its schedule class) does not exist}, for methods not there (yet)
+
+_define(nnUNetTrainerSimCLRPretrain)
+
+# {pretraining trainer: why it (and so its schedule classes) does not exist}, for methods not there (yet)
 UNAVAILABLE: dict[str, str] = {}
 OPTIONAL_METHODS = (("nnunet_cl_trainers.separeg", "nnUNetTrainerSepaRegPretrain"),
                     ("nnunet_cl_trainers.polycl", "nnUNetTrainerPolyCLPretrain"))
 
 for _module, _base in OPTIONAL_METHODS:
     try:
-        _cls = getattr(importlib.import_module(_module), _base)
+        _define(getattr(importlib.import_module(_module), _base))
     except Exception as _e:  # noqa: BLE001 - whatever breaks a method's module must not break the lookup
         _why = " ".join(str(_e).split())[:300]
         UNAVAILABLE[_base] = (f"{_module} is not there yet" if isinstance(_e, ModuleNotFoundError)
                               and _e.name == _module else
                               f"{_module} has no class {_base}" if isinstance(_e, AttributeError) else
                               f"importing {_module} failed: {type(_e).__name__}: {_why}")
-        continue
-    globals()[f"{_base}_clBench"] = pretrain_schedule(_cls, PRETRAIN_SCHEDULES[_base])
 
-# only the classes defined here: re-exporting nnUNetTrainer itself would shadow nothing but confuse name checks
+# only the classes defined here: re-exporting nnUNetTrainer itself would confuse nnU-Net's name checks
 __all__ = sorted(n for n, o in list(globals().items())
                  if n.startswith("nnUNetTrainer") and getattr(o, "__module__", None) == __name__)

@@ -216,6 +216,9 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             raise ValueError(f"objective must be 'simsiam' or 'byol'; got {self.objective!r}")
         if self.distill_loss not in ("cosine", "kl"):
             raise ValueError(f"distill_loss must be 'cosine' or 'kl'; got {self.distill_loss!r}")
+        if self._conv_op() is not nn.Conv3d:
+            raise ValueError(f"SepaReg separates 3d volumes into 3d region crops; configuration "
+                             f"{self.configuration_name!r} is 2d. Fix: train a 3d configuration (3d_fullres).")
         if self.regions_per_step < 2:
             raise ValueError("regions_per_step must be >= 2 (the heads use batch normalisation)")
         import copy

@@ -6,6 +6,8 @@
 * :mod:`.losses` -- SimSiam / BYOL losses, EMA update, IID distillation losses, MLP heads.
 * :mod:`.clustering` -- k-means of region embeddings, per-expert index blocks.
 * :mod:`.visualize` -- a quick-look PNG of a separation.
+* :mod:`.defaults` -- the separation parameters the trainers use by default, the cache folder name.
+* :mod:`.cli` -- ``nnUNetv2_cl_separeg_preview`` (one case's separation as a PNG).
 
 Nothing here knows about nnU-Net's trainer; the trainer lives in ``nnunet_cl_trainers``.
 Names are imported lazily, so the numpy-only parts (separation, cache workers) never import torch.
@@ -20,6 +22,8 @@ _EXPORTS = {
     "clustering": ["expert_blocks", "kmeans_regions"],
     "cache": ["PreprocessedCaseLoader", "RegionIndex", "build_region_cache", "load_region_cache"],
     "visualize": ["draw_separation_png"],
+    "defaults": ["CACHE_FOLDER", "SEPARATION_DEFAULTS"],
+    "cli": ["preview"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -1,7 +1,7 @@
 """Tiny schedules of nnUNetv2_cl_benchmark for the test suite (`--schedule clBenchTest`)."""
 import torch
 
-from nnunet_cl_trainers.benchmark import PRETRAIN_SCHEDULES, nnUNetTrainer_clBench, pretrain_schedule
+from nnunet_cl_trainers.benchmark import nnUNetTrainer_clBench, pretrain_schedule
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLRPretrain
 
 
@@ -15,5 +15,5 @@ class nnUNetTrainer_clBenchTest(nnUNetTrainer_clBench):
 
 
 nnUNetTrainerSimCLRPretrain_clBenchTest = pretrain_schedule(
-    nnUNetTrainerSimCLRPretrain, {**PRETRAIN_SCHEDULES["nnUNetTrainerSimCLRPretrain"], "pretrain_epochs": 2},
-    suffix="clBenchTest", iterations=3, module=__name__)
+    nnUNetTrainerSimCLRPretrain, {"pretrain_epochs": 2, "pretrain_batch_size": 4}, suffix="clBenchTest",
+    iterations=3, module=__name__)

@@ -11,8 +11,8 @@ from nnunet_cl_trainers.separeg import nnUNetTrainerSepaReg, nnUNetTrainerSepaRe
 def _tiny(trainer):
     trainer.region_epochs, trainer.expert_epochs, trainer.distill_epochs, trainer.k = 1, 1, 1, 2
     trainer.pretrain_iterations_per_epoch = 2
-    trainer.regions_per_step = 8
-    trainer.n_segments = 32
+    trainer.regions_per_step = 4
+    trainer.n_segments, trainer.crop_size = 16, 16  # about 15 crops of 16^3 per case
 
 
 class nnUNetTrainerSepaReg_test(nnUNetTrainerSepaReg):
