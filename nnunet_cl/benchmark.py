@@ -483,7 +483,7 @@ class Bench:
             self.failures.append(f"pretrain {arm}: {str(e).splitlines()[0]}")
             self.say(f"FAILED pretraining of {arm}; its runs are left out. {e}")
             return None
-        pool = re.findall(r"Pretraining pool: (\d+) cases", out)
+        pool = re.findall(r"pool: (\d+) cases", out)  # "Pretraining pool: N cases", "SepaReg pool: N cases"
         _save_json({"arm": arm, "trainer": trainer, "checkpoint": str(ckpt), "wall_s": round(took, 1),
                     "cpu_s": self.last_cpu if took else None,
                     "epochs_s": _epoch_seconds(ckpt), "pool_cases": int(pool[-1]) if pool else None,
