@@ -4,7 +4,7 @@ Both steps go through the trainers' real `train_step` on the same plans, configu
 with batches of the shapes nnU-Net's loaders produce (contents random: cost does not depend on them). Steps
 alternate between trainers so machine load affects both alike; the median of `--steps` timed steps is used.
 
-Peak memory: each case runs in a fresh subprocess and reports its peak resident set size (ru_maxrss):
+Peak memory: each case runs in a fresh subprocess and reports its peak resident set size (VmHWM):
   plain      one nnUNetTrainer step
   plain+core the same step plus the masked contrastive loss core on 4096 sampled voxels per patch of the
              last-but-one decoder stage (what a dense method adds), gradients included.
@@ -15,7 +15,6 @@ Usage (needs a preprocessed dataset; nnUNet_preprocessed set):
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -97,7 +96,13 @@ def memory_case(args) -> None:
         trainer.optimizer.step()
     else:
         trainer.train_step(batch)
-    print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"maxrss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). ru_maxrss would carry the parent's peak across exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def main():
@@ -135,7 +140,7 @@ def main():
         f"batch {tr.batch_size}, {torch.get_num_threads()} torch threads, {args.steps} timed steps each "
         f"(median; interquartile range), CPU.",
         "", "| trainer | ms / step | IQR ms | ratio to nnUNetTrainer |", "|---|---|---|---|", *rows, "",
-        "| peak memory (ru_maxrss, fresh process) | MB | ratio |", "|---|---|---|",
+        "| peak memory (VmHWM, fresh process) | MB | ratio |", "|---|---|---|",
         f"| plain nnUNetTrainer step | {mem['plain']:.0f} | 1.00 |",
         f"| plain step + loss core, 4096 sampled voxels/patch | {mem['plain+core']:.0f} | "
         f"{mem['plain+core'] / mem['plain']:.2f} |", "",

@@ -2,7 +2,6 @@
 import ast
 import inspect
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path

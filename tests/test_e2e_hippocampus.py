@@ -7,40 +7,26 @@ the extension; the exported model predicts identically with stock nnU-Net (exten
 nnUNet_extTrainer path, as a user's own variants would).
 """
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_cl.ext_path import ext_trainer_path
 
-TESTS = Path(__file__).resolve().parent
+from helpers import cli_env, run
+
 DATASET = "Dataset905_HippoCL"
 TRAINER = "nnUNetTrainerSimCLR_test"
 
 
-def run(cmd, env, check=True, timeout=900):
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
 def hippo(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("e2e")
-    env = dict(os.environ)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / name).mkdir()
-        env[name] = str(root / name)
-    env.update(nnUNet_extTrainer=os.pathsep.join([ext_trainer_path(), str(TESTS / "ext_trainers")]),
-               nnUNet_compile="0", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1")
+    env = cli_env(root, ["nnunet_cl_test_trainers.py"])
     run(["nnUNetv2_convert_MSD_dataset", "-i", str(shared_data / "Task04_Hippocampus"), "-np", "1"], env)
     msd = root / "nnUNet_raw" / "Dataset004_Hippocampus"
     raw = root / "nnUNet_raw" / DATASET

@@ -9,7 +9,6 @@ plans variant; nnUNetv2_train with tiny PolyCL trainers (tests/ext_trainers); nn
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,59 +17,28 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_cl.ext_path import ext_trainer_path
 from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.polycl.plans import add_pretrain_configuration, network_divisor, reduced_patch_size
 from nnunet_cl_trainers.polycl import (nnUNetTrainerPolyCL, nnUNetTrainerPolyCL_M, nnUNetTrainerPolyCL_O,
                                        nnUNetTrainerPolyCLPretrain)
 from nnunet_cl_trainers.polycl_data import PolyCLPatchLoader, PolyCLPoolDataset, organ_class_locations
 
-TESTS = Path(__file__).resolve().parent
+from helpers import cli_env, fake_preprocessed_folder, run, tiny_plans
+
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1, "other": 2},
                 "numTraining": 4, "file_ending": ".nii.gz"}
 
 
 # ------------------------------------------------------------------------------------------------ tiny plans
-def tiny_plans(patch=(16, 32, 32)):
-    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
-                            "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-                            "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
-                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
-                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-                            "nonlin_kwargs": {"inplace": True}},
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
-    config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
-              "batch_size": 2, "patch_size": list(patch), "median_image_size_in_voxels": list(patch),
-              "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"],
-              "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
-              "resampling_fn_seg": "resample_data_or_seg_to_shape",
-              "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-              "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-              "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-              "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                     "force_separate_z": None},
-              "architecture": arch, "batch_dice": False}
-    return {"dataset_name": "Dataset996_PolyTiny", "plans_name": "nnUNetPlans",
-            "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
-            "original_median_shape_after_transp": list(patch), "image_reader_writer": "SimpleITKIO",
-            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-            "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-            "foreground_intensity_properties_per_channel": {"0": {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0,
-                                                                  "percentile_00_5": -1.0, "percentile_99_5": 1.0,
-                                                                  "std": 1.0}},
-            "configurations": {"3d_fullres": config}, "continue_training": False}
 
 
 @pytest.fixture
 def make_trainer(nnunet_env):
-    folder = nnunet_env["nnUNet_preprocessed"] / "Dataset996_PolyTiny" / "nnUNetPlans_3d_fullres"
-    folder.mkdir(parents=True)
-    (folder / "case_000.b2nd").write_bytes(b"")  # lets nnU-Net infer the dataset format; never read here
+    fake_preprocessed_folder(nnunet_env, "Dataset996_PolyTiny")
 
     def make(cls=nnUNetTrainerPolyCL, plans=None, configuration="3d_fullres", **attrs):
-        plans = copy.deepcopy(plans) if plans is not None else tiny_plans()  # nnU-Net pops a key from it
+        # nnU-Net pops a key from the plans it is given
+        plans = copy.deepcopy(plans) if plans is not None else tiny_plans("Dataset996_PolyTiny", (16, 32, 32))
         trainer = cls(plans, configuration, 0, dict(DATASET_JSON), torch.device("cpu"))
         for k, v in attrs.items():
             setattr(trainer, k, v)
@@ -257,7 +225,7 @@ def test_sizes_and_variants(make_trainer):
 # ------------------------------------------------------------------------------------------------ plans variant
 def test_plans_variant_keeps_the_network(make_trainer):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    plans = tiny_plans(patch=(24, 48, 40))
+    plans = tiny_plans("Dataset996_PolyTiny", (24, 48, 40))
     name, entry, changed = add_pretrain_configuration(plans, "3d_fullres", batch=8)
     assert changed and name == "3d_fullres_clpretrain"
     assert entry == {"inherits_from": "3d_fullres", "patch_size": [12, 24, 20], "batch_size": 8}
@@ -289,12 +257,6 @@ TRAINER, PRETRAINER = "nnUNetTrainerPolyCL_M_test", "nnUNetTrainerPolyCLPretrain
 N_LABELED = 4
 
 
-def run(cmd, env, check=True, timeout=900):
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -304,17 +266,7 @@ def kbp(tmp_path_factory, shared_data):
         if not p.is_dir():
             pytest.skip(f"{p} not found in the shared data")
     root = tmp_path_factory.mktemp("polycl_e2e")
-    env = dict(os.environ)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / name).mkdir()
-        env[name] = str(root / name)
-    # only our tiny trainers: nnU-Net imports every module of an extTrainer folder, so another method's test
-    # trainers in tests/ext_trainers could otherwise break this test
-    ext = root / "ext_trainers"
-    ext.mkdir()
-    os.symlink(TESTS / "ext_trainers" / "polycl_test_trainers.py", ext / "polycl_test_trainers.py")
-    env.update(nnUNet_extTrainer=os.pathsep.join([ext_trainer_path(), str(ext)]),
-               nnUNet_compile="0", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1")
+    env = cli_env(root, ["polycl_test_trainers.py"])
     cases = sorted(p.name[:-len("_0000.nii.gz")] for p in (src / "imagesTr").glob("*_0000.nii.gz"))[:N_LABELED + 3]
     raw = root / "nnUNet_raw" / DATASET
     (raw / "imagesTr").mkdir(parents=True)

@@ -3,9 +3,7 @@ and end to end through the real command lines on real head-and-neck radiotherapy
 """
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,44 +12,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_cl.ext_path import ext_trainer_path
 from nnunet_cl_trainers.base import FINETUNE, PRETRAIN
 from nnunet_cl_trainers.separeg import (DISTILL, EXPERT, REGION, nnUNetTrainerSepaReg, nnUNetTrainerSepaRegBYOL,
                                         nnUNetTrainerSepaRegPretrain)
 
-TESTS = Path(__file__).resolve().parent
+from helpers import cli_env, fake_preprocessed_folder, run, tiny_plans
+
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 4,
                 "file_ending": ".nii.gz"}
 
 
-def tiny_plans():
-    """A hand-written 3-stage PlainConvUNet plan (16^3 patches): no preprocessing needed."""
-    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
-                            "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-                            "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
-                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
-                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
-    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
-    config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
-              "batch_size": 2, "patch_size": [16, 16, 16], "median_image_size_in_voxels": [16, 16, 16],
-              "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"],
-              "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
-              "resampling_fn_seg": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": resampling,
-              "resampling_fn_seg_kwargs": {**resampling, "is_seg": True, "order": 1},
-              "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-              "resampling_fn_probabilities_kwargs": {**resampling, "order": 1}, "architecture": arch,
-              "batch_dice": False}
-    return {"dataset_name": "Dataset996_TinySepa", "plans_name": "nnUNetPlans",
-            "original_median_spacing_after_transp": [1.0, 1.0, 1.0], "original_median_shape_after_transp": [16] * 3,
-            "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-            "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-            "foreground_intensity_properties_per_channel": {"0": {
-                "max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0, "percentile_99_5": 1.0,
-                "std": 1.0}},
-            "configurations": {"3d_fullres": config}, "continue_training": False}
 
 
 # tiny schedule: region 0-1, expert 0 at 2, expert 1 at 3, distill 4-5, fine-tune 6
@@ -77,13 +47,11 @@ def synthetic_regions(n=16, size=16, seed=0):
 
 @pytest.fixture
 def make_trainer(nnunet_env):
-    folder = nnunet_env["nnUNet_preprocessed"] / "Dataset996_TinySepa" / "nnUNetPlans_3d_fullres"
-    folder.mkdir(parents=True)
-    (folder / "case_000.b2nd").write_bytes(b"")  # lets nnU-Net infer the dataset format; never read here
+    fake_preprocessed_folder(nnunet_env, "Dataset996_TinySepa")
 
     def make(cls=nnUNetTrainerSepaReg, regions=True, **attrs):
         torch.manual_seed(0)
-        trainer = cls(tiny_plans(), "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))
+        trainer = cls(tiny_plans("Dataset996_TinySepa"), "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))
         for k, v in {**SCHEDULE, **attrs}.items():
             setattr(trainer, k, v)
         trainer.initialize()
@@ -259,11 +227,6 @@ N_LABELED, N_POOL_KBP = 5, 2  # the first 5 OpenKBP cases labeled, the next 2 un
 POOL_OTHER = "cptac_c3l00189.nii.gz"  # abdomen CT, 428x319x35 at 1x1x5 mm: resampled to the OpenKBP plans' spacing
 
 
-def run(cmd, env, check=True, timeout=900):
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def _crop(src: Path, dst: Path, size=(40, 56, 56)):
@@ -284,17 +247,7 @@ def kbp(tmp_path_factory, shared_data):
     if not (src / "imagesTr").is_dir() or not other.is_file():
         pytest.skip(f"OpenKBP_HN or ct_unlabeled/{POOL_OTHER} missing in {shared_data}")
     root = tmp_path_factory.mktemp("separeg_e2e")
-    env = dict(os.environ)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / name).mkdir()
-        env[name] = str(root / name)
-    # only our tiny trainers on the second extTrainer path: nnU-Net imports every module there, so an unrelated
-    # test module that fails to import must not break this test
-    ext = root / "ext_trainers"
-    ext.mkdir()
-    shutil.copy(TESTS / "ext_trainers" / "separeg_test_trainers.py", ext)
-    env.update(nnUNet_extTrainer=os.pathsep.join([ext_trainer_path(), str(ext)]),
-               nnUNet_compile="0", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1")
+    env = cli_env(root, ["separeg_test_trainers.py"])
     raw = root / "nnUNet_raw" / DATASET
     (raw / "imagesTr").mkdir(parents=True)
     (raw / "labelsTr").mkdir()

@@ -8,47 +8,17 @@ import torch
 from nnunet_cl_trainers import nnUNetTrainerSimCLR, nnUNetTrainerSimCLRPretrain
 from nnunet_cl_trainers.base import FINETUNE, PRETRAIN
 
+from helpers import fake_preprocessed_folder, tiny_plans
+
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 4,
                 "file_ending": ".nii.gz"}
 
 
-def tiny_plans():
-    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
-                            "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-                            "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
-                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
-                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-                            "nonlin_kwargs": {"inplace": True}},
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
-    config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
-              "batch_size": 2, "patch_size": [16, 16, 16], "median_image_size_in_voxels": [16, 16, 16],
-              "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"],
-              "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
-              "resampling_fn_seg": "resample_data_or_seg_to_shape",
-              "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-              "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-              "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-              "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                     "force_separate_z": None},
-              "architecture": arch, "batch_dice": False}
-    return {"dataset_name": "Dataset997_Tiny", "plans_name": "nnUNetPlans",
-            "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
-            "original_median_shape_after_transp": [16, 16, 16], "image_reader_writer": "SimpleITKIO",
-            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-            "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-            "foreground_intensity_properties_per_channel": {"0": {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0,
-                                                                  "percentile_00_5": -1.0, "percentile_99_5": 1.0,
-                                                                  "std": 1.0}},
-            "configurations": {"3d_fullres": config}, "continue_training": False}
 
 
 @pytest.fixture
 def make_trainer(nnunet_env):
-    folder = nnunet_env["nnUNet_preprocessed"] / "Dataset997_Tiny" / "nnUNetPlans_3d_fullres"
-    folder.mkdir(parents=True)
-    (folder / "case_000.b2nd").write_bytes(b"")  # lets nnU-Net infer the dataset format; never read here
+    fake_preprocessed_folder(nnunet_env, "Dataset997_Tiny")
 
     def make(cls=nnUNetTrainerSimCLR, **attrs):
         trainer = cls(tiny_plans(), "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))

@@ -1,7 +1,8 @@
+# ruff: noqa: F401, F403
 """nnU-Net trainer classes of nnunet-cl (installed as the package `nnunet_cl_trainers`).
 
-Only torch, nnunetv2 and nnunet_cl's core are imported here: an optional dependency failing at import time
-would break nnU-Net's whole trainer lookup.
+It only re-exports the trainers (hence the noqa above), importing nothing beyond torch, nnunetv2 and
+nnunet_cl's core: an optional dependency failing at import time would break nnU-Net's whole trainer lookup.
 """
 from nnunet_cl_trainers.base import nnUNetTrainerCLBase
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLR, nnUNetTrainerSimCLRPretrain
