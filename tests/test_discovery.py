@@ -77,8 +77,10 @@ def test_no_name_clash_with_nnunet(name):
     assert found is None
 
 
-ALLOWED_TOP_LEVEL = {"torch", "numpy", "nnunetv2", "nnunet_cl", "nnunet_cl_trainers", "batchgenerators",
-                     "acvl_utils", "threadpoolctl", "typing", "math", "os", "time", "__future__"}
+# the standard library and the core dependencies nnU-Net itself needs
+ALLOWED_TOP_LEVEL = set(sys.stdlib_module_names) | {
+    "torch", "numpy", "nnunetv2", "nnunet_cl", "nnunet_cl_trainers", "batchgenerators", "acvl_utils",
+    "threadpoolctl"}
 
 
 @pytest.mark.parametrize("module", sorted(p for p in (REPO / "trainers").rglob("*.py")), ids=lambda p: p.name)
