@@ -551,7 +551,8 @@ class Bench:
         _save_json(record, self.runs / f"{rid}.json")
         names = record["labels"]
         per_class = ", ".join(f"{names.get(c, c)} {v:.3f}" for c, v in record["dice"].items() if v is not None)
-        self.say(f"  {rid}: mean foreground Dice {record['mean_fg_dice']:.4f} ({per_class})")
+        mean = record["mean_fg_dice"]
+        self.say(f"  {rid}: mean foreground Dice {'n/a' if mean is None else f'{mean:.4f}'} ({per_class})")
 
     def report(self, final: bool) -> int:
         from nnunet_cl.benchmark_report import write_report

@@ -14,3 +14,4 @@ from nnunet_cl_trainers.polycl import (nnUNetTrainerPolyCL, nnUNetTrainerPolyCL_
                                        nnUNetTrainerPolyCL_S, nnUNetTrainerPolyCLPretrain,
                                        nnUNetTrainerPolyCLPretrain_M, nnUNetTrainerPolyCLPretrain_O,
                                        nnUNetTrainerPolyCLPretrain_S)
+from nnunet_cl_trainers.benchmark import *
