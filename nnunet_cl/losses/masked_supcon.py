@@ -71,7 +71,7 @@ def masked_supcon(
         mode: "supcon" or "pos_vs_negs".
         keys: optional (M, D) contrast set (queue, gathered embeddings).
         chunk_elements: anchors are processed in blocks of about this many (anchor, key) pairs, each
-            recomputed in the backward pass, which bounds peak memory; the result does not depend on it.
+            recomputed in the backward pass; the result does not depend on it.
 
     Returns:
         Scalar loss tensor (float32, or float64 for float64 inputs).
@@ -99,9 +99,8 @@ def masked_supcon(
         contrast = anchors if keys is None else F.normalize(keys.to(device=z.device, dtype=dtype), dim=1)
         pos_mask = pos_mask.to(device=z.device, dtype=torch.bool)
         neg_mask = None if neg_mask is None else neg_mask.to(device=z.device, dtype=torch.bool)
-        # Rows are processed in chunks, each recomputed in the backward pass (checkpointing), so peak memory
-        # is a few (chunk, M) blocks rather than a few (N, M) matrices: 8192 sampled voxels would otherwise
-        # hold several 256 MiB float32 matrices for the backward pass.
+        # Rows are processed in chunks, each recomputed in the backward pass (checkpointing), so autograd keeps
+        # no (N, M) intermediates between forward and backward (8192 sampled voxels: 256 MiB each in float32).
         rows_per_chunk = max(1, chunk_elements // max(m, 1))
         checkpointing = torch.is_grad_enabled() and n > rows_per_chunk and (
             anchors.requires_grad or contrast.requires_grad)
