@@ -147,7 +147,7 @@ def main():
     for case in ("nnUNetTrainer", POLYCL):
         proc = subprocess.run([sys.executable, __file__, "-d", args.d, "-c", args.c, "-p", args.p, "--strategy",
                                args.strategy, "--loss_form", args.loss_form, "--memory_case", case],
-                              capture_output=True, text=True, env=os.environ)
+                              capture_output=True, text=True, encoding="utf-8", errors="replace", env=os.environ)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
         mem[case] = json.loads(proc.stdout.strip().splitlines()[-1])["maxrss_mb"]

@@ -130,7 +130,8 @@ def main():
     mem = {}
     for case in ("plain", "plain+core"):
         out = subprocess.run([sys.executable, __file__, "-d", args.d, "-c", args.c, "-p", args.p,
-                              "--memory_case", case], capture_output=True, text=True, env=os.environ)
+                              "--memory_case", case], capture_output=True, text=True,
+                                  encoding="utf-8", errors="replace", env=os.environ)
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-2000:])
         mem[case] = json.loads(out.stdout.strip().splitlines()[-1])["maxrss_mb"]

@@ -186,7 +186,7 @@ class Bench:
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    errors="replace")
+                                    encoding="utf-8", errors="replace")
             for line in proc.stdout:
                 f.write(line)
                 out.append(line)

@@ -51,7 +51,8 @@ def fake_preprocessed_folder(nnunet_env: dict, dataset_name: str) -> Path:
 
 def run(cmd: list, env: dict, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a command line; on failure show the tails of its output."""
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+        encoding="utf-8", errors="replace", timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -132,7 +132,7 @@ def bench(tmp_path_factory):
     work = root / "work"
     cmd = _bench_cmd(src, work, root / "unlabeled")
     t = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     return {"root": root, "src": src, "work": work, "env": env, "cmd": cmd, "first": proc, "seconds": time.time() - t}
 
@@ -198,7 +198,8 @@ def test_rerun_skips_finished_runs(bench, tmp_path):
     before = scratch_file.stat().st_mtime_ns
     simclr_file.unlink()  # as if the run stopped after its training finished
     log_size = (work / "benchmark_log.txt").stat().st_size
-    proc = subprocess.run(bench["cmd"], env=bench["env"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(bench["cmd"], env=bench["env"], capture_output=True, text=True,
+        encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     assert "1 finished before" in proc.stdout and "1 to do" in proc.stdout
     assert scratch_file.stat().st_mtime_ns == before and simclr_file.is_file()
@@ -213,5 +214,6 @@ def test_rerun_skips_finished_runs(bench, tmp_path):
     # a work folder remembers its test set: other settings are refused
     i = bench["cmd"].index("--n_test")
     other = bench["cmd"][:i + 1] + ["3"] + bench["cmd"][i + 2:]
-    proc = subprocess.run(other, env=bench["env"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(other, env=bench["env"], capture_output=True, text=True,
+        encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode != 0 and "n_test: 2 -> 3" in proc.stderr

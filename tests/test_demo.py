@@ -6,6 +6,7 @@ import subprocess
 def test_demo_quick_prints_a_dice_table(tmp_path):
     work = tmp_path / "demo"
     proc = subprocess.run(["nnUNetv2_cl_demo", "--quick", "--work", str(work)], capture_output=True, text=True,
+        encoding="utf-8", errors="replace",
                           timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (work / "dice_table.md").read_text().splitlines()
@@ -23,6 +24,7 @@ def test_demo_quick_prints_a_dice_table(tmp_path):
 
 def test_demo_refuses_a_non_empty_work_folder(tmp_path):
     (tmp_path / "old.txt").write_text("keep me")
-    proc = subprocess.run(["nnUNetv2_cl_demo", "--work", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(["nnUNetv2_cl_demo", "--work", str(tmp_path)], capture_output=True, text=True,
+        encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode != 0 and "--overwrite" in proc.stderr
     assert (tmp_path / "old.txt").read_text() == "keep me"

@@ -31,7 +31,8 @@ print(sys.modules["nnunet_cl_trainers"].__file__)
 
 
 def _lookup(env):
-    return subprocess.run([sys.executable, "-c", LOOKUP], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", LOOKUP], env=env, capture_output=True, text=True,
+        encoding="utf-8", errors="replace", timeout=300)
 
 
 def test_ext_path_is_the_shim_folder():
@@ -50,12 +51,13 @@ def test_lookup_from_a_regular_non_editable_install(tmp_path):
     """pip install (not -e) into a fresh target: the printed path works from there too."""
     target = tmp_path / "site"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
-                           "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=600)
+                           "--target", str(target), str(REPO)], capture_output=True, text=True,
+                               encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     env = {**os.environ, "PYTHONPATH": str(target), "DROP_EDITABLE_FINDER": "1"}
     printed = subprocess.run([sys.executable, "-c", LOOKUP.split("from nnunetv2")[0] +
                               "from nnunet_cl.ext_path import ext_trainer_path as p; print(p())"],
-                             env=env, capture_output=True, text=True).stdout.strip()
+                             env=env, capture_output=True, text=True, encoding="utf-8", errors="replace").stdout.strip()
     assert printed == str(target / "nnunet_cl_trainers" / "ext")
     proc = _lookup({**env, "nnUNet_extTrainer": printed})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -102,5 +104,6 @@ def test_trainers_import_with_optional_extras_missing():
     """The library modules the trainers import stay free of optional extras too."""
     blocked = "import sys\nfor m in ('segment_anything', 'sam2', 'lightly', 'pytorch_metric_learning'):" \
               "\n    sys.modules[m] = None\nimport nnunet_cl_trainers\n"
-    proc = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True,
+        encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
