@@ -20,6 +20,7 @@ from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_p
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import nn
 
+from nnunet_cl.heads import pooled_embedding, pooled_projection_heads
 from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, polycl_triplet_loss
 from nnunet_cl.polycl.pairs import STRATEGIES, normalize_presence, sample_triplets, strategy_masks, valid_anchor_mask
@@ -111,14 +112,8 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
     # ---------------------------------------------------------------- hooks
     def build_cl_modules(self) -> nn.ModuleDict:
         channels = self.unwrapped_network.encoder.output_channels[-1]
-        conv = self.configuration_manager.network_arch_init_kwargs.get("conv_op", "Conv3d")
-        conv_op = nn.Conv3d if str(conv).endswith("3d") else nn.Conv2d
-        return nn.ModuleDict({
-            # nnU-Net's bottleneck ends in InstanceNorm + LeakyReLU: plain average pooling gives nearly the same
-            # vector for every patch, so a 1x1 conv and nonlinearity come first (as in the SimCLR reference)
-            "local": nn.Sequential(conv_op(channels, channels, 1), nn.LeakyReLU(inplace=True)),
-            "projector": nn.Sequential(nn.Linear(channels, self.hidden_dim), nn.ReLU(inplace=True),
-                                       nn.Linear(self.hidden_dim, self.projection_dim))})
+        conv_op = nn.Conv3d if len(self.configuration_manager.patch_size) == 3 else nn.Conv2d
+        return nn.ModuleDict(pooled_projection_heads(channels, self.hidden_dim, self.projection_dim, conv_op))
 
     def get_pretrain_dataloader(self):
         if str(self.strategy).upper() not in STRATEGIES:
@@ -165,8 +160,7 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding: stock encoder bottleneck -> 1x1 conv + LeakyReLU -> global average -> MLP."""
-        features = self.cl_modules["local"](self.encode(x)[-1])
-        return self.cl_modules["projector"](features.flatten(2).mean(-1))
+        return pooled_embedding(self.cl_modules, self.encode(x)[-1])
 
     def pretrain_losses(self, batch: dict) -> dict:
         strategy = self.strategy.upper()

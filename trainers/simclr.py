@@ -2,6 +2,7 @@
 import torch
 from torch import nn
 
+from nnunet_cl.heads import pooled_embedding, pooled_projection_heads
 from nnunet_cl.losses import info_nce_two_views
 from nnunet_cl_trainers.base import nnUNetTrainerCLBase
 
@@ -24,19 +25,12 @@ class nnUNetTrainerSimCLR(nnUNetTrainerCLBase):
 
     def build_cl_modules(self) -> nn.ModuleDict:
         channels = self.unwrapped_network.encoder.output_channels[-1]
-        conv = self.configuration_manager.network_arch_init_kwargs.get("conv_op", "Conv3d")
-        conv_op = nn.Conv3d if str(conv).endswith("3d") else nn.Conv2d
-        return nn.ModuleDict({
-            # nnU-Net's bottleneck ends in InstanceNorm + LeakyReLU, so a plain average over space is nearly the
-            # same vector for every image; a 1x1 conv and nonlinearity before pooling keeps it informative
-            "local": nn.Sequential(conv_op(channels, channels, 1), nn.LeakyReLU(inplace=True)),
-            "projector": nn.Sequential(nn.Linear(channels, channels), nn.ReLU(inplace=True),
-                                       nn.Linear(channels, self.projection_dim))})
+        conv_op = nn.Conv3d if len(self.configuration_manager.patch_size) == 3 else nn.Conv2d
+        return nn.ModuleDict(pooled_projection_heads(channels, channels, self.projection_dim, conv_op))
 
     def pretrain_losses(self, batch: dict) -> dict:
         views = torch.cat([batch["data"], batch["data2"]])
-        bottleneck = self.cl_modules["local"](self.encode(views)[-1])
-        z = self.cl_modules["projector"](bottleneck.flatten(2).mean(-1))
+        z = pooled_embedding(self.cl_modules, self.encode(views)[-1])
         z1, z2 = z.chunk(2)
         return {"infonce": info_nce_two_views(z1, z2, self.temperature, gather=self.is_ddp)}
 

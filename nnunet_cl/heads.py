@@ -1,0 +1,18 @@
+"""Heads that turn an nnU-Net feature map into an image-level embedding."""
+import torch
+from torch import nn
+
+
+def pooled_projection_heads(channels: int, hidden: int, out_dim: int, conv_op=nn.Conv3d) -> dict[str, nn.Module]:
+    """{'local': 1x1 conv + LeakyReLU, 'projector': MLP channels -> hidden -> out_dim}, for `pooled_embedding`.
+
+    nnU-Net's encoder stages end in InstanceNorm + LeakyReLU, so the spatial average of a stage is nearly the
+    same vector for every image; a learned 1x1 conv and nonlinearity before pooling keep the average informative.
+    """
+    return {"local": nn.Sequential(conv_op(channels, channels, 1), nn.LeakyReLU(inplace=True)),
+            "projector": nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))}
+
+
+def pooled_embedding(heads: nn.ModuleDict, feature_map: torch.Tensor) -> torch.Tensor:
+    """(B, C, *spatial) -> (B, out_dim): local transform, global average pool, projection."""
+    return heads["projector"](heads["local"](feature_map).flatten(2).mean(-1))
