@@ -27,6 +27,7 @@ def plot_loss_terms(logging: dict, keys: list[str], progress_png: str) -> None:
         y = np.asarray(logging[k][:n], dtype=float)
         if not np.all(np.isnan(y)):
             ax.plot(x, y, linewidth=3 if k.endswith("total") else 2, label=k.removeprefix("cl_"))
+    ax.set_xlim(0, max(n - 1, 1))  # the same epoch axis as nnU-Net's panels above
     ax.set_xlabel("epoch", fontsize=24)
     ax.set_ylabel("contrastive loss", fontsize=24)
     ax.tick_params(labelsize=20)
