@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -102,17 +101,7 @@ def memory_case(args) -> None:
     print(json.dumps({"maxrss_mb": peak_rss_mb()}))
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process image: VmHWM, which execve resets. (ru_maxrss is NOT reset by
-    execve on Linux, so a child started from a large parent reports the parent's peak.)"""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak_rss_mb = step_cost.peak_rss_mb
 
 
 def main():
@@ -167,11 +156,7 @@ def main():
           f"--loss_form {args.loss_form}" + (" --loader" if args.loader else "")
     lines += ["", f"Command: {cmd}"]
     report = "\n".join(lines)
-    print(report)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(report + "\n")
+    step_cost.write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -146,10 +146,15 @@ def main():
         f"| plain step + loss core, 4096 sampled voxels/patch | {mem['plain+core']:.0f} | "
         f"{mem['plain+core'] / mem['plain']:.2f} |", "",
         f"Command: python benchmarks/step_cost.py -d {args.d} -c {args.c} --steps {args.steps}"])
+    write_report(report, args.out)
+
+
+def write_report(report: str, out: str | None) -> None:
+    """Print the Markdown report and, if asked, write it to `out`."""
     print(report)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
             f.write(report + "\n")
 
 
