@@ -91,12 +91,40 @@ def memory_case(args) -> None:
         proj = torch.nn.functional.normalize(f, dim=1)
         sample = sample_voxels(proj, 4096, generator=torch.Generator().manual_seed(0))
         labels = torch.randint(0, 4, (sample.feats.shape[0],))
-        core = masked_supcon(sample.feats, labels[:, None] == labels[None], temperature=0.1)
+        core = masked_supcon(sample.feats, labels=labels, temperature=0.1)  # positives per block, no N x N mask
         (seg + core).backward()
         trainer.optimizer.step()
     else:
         trainer.train_step(batch)
     print(json.dumps({"maxrss_mb": peak_rss_mb()}))
+
+
+# glibc's default raises its mmap threshold after large frees, so freed blocks stay in the heap and the peak
+# varies by hundreds of MB between identical runs; a fixed threshold returns large blocks to the system at once.
+MALLOC_SETTINGS = {"default": {}, "MALLOC_MMAP_THRESHOLD_=131072": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+
+
+def memory_run(args, case: str, malloc: str) -> float:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(MALLOC_SETTINGS[malloc])
+    out = subprocess.run([sys.executable, __file__, "-d", args.d, "-c", args.c, "-p", args.p,
+                          "--memory_case", case], capture_output=True, text=True, encoding="utf-8",
+                         errors="replace", env=env)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])["maxrss_mb"]
+
+
+def memory_rows(mem: dict) -> list[str]:
+    rows = []
+    for malloc in MALLOC_SETTINGS:
+        plain = statistics.median(mem["plain", malloc])
+        for case, label in (("plain", "plain nnUNetTrainer step"),
+                            ("plain+core", "plain step + loss core, 4096 sampled voxels/patch")):
+            runs = mem[case, malloc]
+            rows.append(f"| {label} | {malloc} | {statistics.median(runs):.0f} ({min(runs):.0f}–{max(runs):.0f}) | "
+                        f"{statistics.median(runs) / plain:.2f} |")
+    return rows
 
 
 def peak_rss_mb() -> float:
@@ -114,6 +142,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as nnU-Net, all cores)")
     parser.add_argument("--out", default=None, help="write a Markdown report here")
+    parser.add_argument("--mem_repeats", type=int, default=3, help="fresh processes per memory case (default 3)")
     parser.add_argument("--memory_case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count())
@@ -127,25 +156,20 @@ def main():
     base = statistics.median(times["nnUNetTrainer"])
     rows = [f"| {n} | {statistics.median(t) * 1000:.0f} | {np.percentile(t, 25) * 1000:.0f}–"
             f"{np.percentile(t, 75) * 1000:.0f} | {statistics.median(t) / base:.2f} |" for n, t in times.items()]
-    mem = {}
-    for case in ("plain", "plain+core"):
-        out = subprocess.run([sys.executable, __file__, "-d", args.d, "-c", args.c, "-p", args.p,
-                              "--memory_case", case], capture_output=True, text=True,
-                                  encoding="utf-8", errors="replace", env=os.environ)
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr[-2000:])
-        mem[case] = json.loads(out.stdout.strip().splitlines()[-1])["maxrss_mb"]
+    mem = {}  # (case, malloc setting) -> peak MB of each fresh process
+    for malloc in MALLOC_SETTINGS:
+        for case in ("plain", "plain+core"):
+            mem[case, malloc] = [memory_run(args, case, malloc) for _ in range(args.mem_repeats)]
     tr = trainers["nnUNetTrainer"]
     report = "\n".join([
         f"Step cost on {tr.plans_manager.dataset_name} {args.c}: patch {list(tr.configuration_manager.patch_size)}, "
         f"batch {tr.batch_size}, {torch.get_num_threads()} torch threads, {args.steps} timed steps each "
         f"(median; interquartile range), CPU.",
         "", "| trainer | ms / step | IQR ms | ratio to nnUNetTrainer |", "|---|---|---|---|", *rows, "",
-        "| peak memory (VmHWM, fresh process) | MB | ratio |", "|---|---|---|",
-        f"| plain nnUNetTrainer step | {mem['plain']:.0f} | 1.00 |",
-        f"| plain step + loss core, 4096 sampled voxels/patch | {mem['plain+core']:.0f} | "
-        f"{mem['plain+core'] / mem['plain']:.2f} |", "",
-        f"Command: python benchmarks/step_cost.py -d {args.d} -c {args.c} --steps {args.steps}"])
+        f"| peak memory (VmHWM; median of {args.mem_repeats} fresh processes, range) | glibc malloc | MB | ratio |",
+        "|---|---|---|---|", *memory_rows(mem), "",
+        f"Command: python benchmarks/step_cost.py -d {args.d} -c {args.c} -p {args.p} --steps {args.steps} "
+        f"--mem_repeats {args.mem_repeats}"])
     write_report(report, args.out)
 
 

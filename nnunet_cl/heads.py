@@ -4,13 +4,19 @@ from torch import nn
 
 
 def pooled_projection_heads(channels: int, hidden: int, out_dim: int, conv_op=nn.Conv3d) -> dict[str, nn.Module]:
-    """{'local': 1x1 conv + LeakyReLU, 'projector': MLP channels -> hidden -> out_dim}, for `pooled_embedding`.
+    """{'local': 1x1 conv + LeakyReLU, 'projector': MLP channels -> hidden (BatchNorm) -> out_dim}.
 
     nnU-Net's encoder stages end in InstanceNorm + LeakyReLU, so the spatial average of a stage is nearly the
     same vector for every image; a learned 1x1 conv and nonlinearity before pooling keep the average informative.
+    Even so, at initialisation the pooled vectors of different images differ by well under 1% (cosine 0.999), and
+    a plain MLP maps them onto one embedding: NT-Xent then starts at its collapse value ln(2N - 1) with tiny
+    gradients and, under nnU-Net's strong augmentation, stays there. The BatchNorm in the projector (as in
+    SimCLR's own head) removes that shared component across the batch, so training starts from spread-out
+    embeddings (measured in docs/methods/simclr.md). Needs at least 2 samples per step in training mode.
     """
     return {"local": nn.Sequential(conv_op(channels, channels, 1), nn.LeakyReLU(inplace=True)),
-            "projector": nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))}
+            "projector": nn.Sequential(nn.Linear(channels, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                       nn.Linear(hidden, out_dim))}
 
 
 def pooled_embedding(heads: nn.ModuleDict, feature_map: torch.Tensor) -> torch.Tensor:

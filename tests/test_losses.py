@@ -319,3 +319,36 @@ def test_chunked_computation_matches_one_block():
             results.append((loss.detach(), z.grad))
         assert torch.allclose(results[0][0], results[1][0], atol=1e-12)
         assert torch.allclose(results[0][1], results[1][1], atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["supcon", "pos_vs_negs"])
+@pytest.mark.parametrize("use_keys", [False, True])
+def test_labels_give_the_same_loss_and_gradients_as_the_mask(mode, use_keys):
+    """Positives from labels (built per block, no N x M mask) equal the explicit mask, in blocks of 7 rows."""
+    gen = torch.Generator().manual_seed(5)
+    z0 = torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 4, (40,), generator=gen)
+    keys = torch.randn(30, 8, generator=gen, dtype=torch.float64) if use_keys else None
+    key_labels = torch.randint(0, 4, (30,), generator=gen) if use_keys else None
+    mask = labels_to_pos_mask(labels, key_labels)
+    results = []
+    for kwargs in ({"pos_mask": mask}, {"labels": labels, "key_labels": key_labels}):
+        z = z0.clone().requires_grad_(True)
+        loss = masked_supcon(z, mode=mode, keys=keys, chunk_elements=7 * mask.shape[1], **kwargs)
+        loss.backward()
+        results.append((loss.detach(), z.grad))
+    assert results[0][0] > 0
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-12)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-12)
+
+
+def test_labels_input_validation():
+    z, labels = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="exactly one"):
+        masked_supcon(z)
+    with pytest.raises(ValueError, match="exactly one"):
+        masked_supcon(z, labels_to_pos_mask(labels), labels=labels)
+    with pytest.raises(ValueError, match="key_labels"):
+        masked_supcon(z, labels=labels, keys=torch.randn(6, 3))
+    with pytest.raises(ValueError, match="labels must be"):
+        masked_supcon(z, labels=labels[:3])

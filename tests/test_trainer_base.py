@@ -29,11 +29,11 @@ def make_trainer(nnunet_env):
     return make
 
 
-def two_view_batch(seed=0, n=4):
+def two_view_batch(seed=0, n=4, noise=0.05):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((n, 1, 16, 16, 16), generator=g)
-    # two views of the same images: small intensity change, so the positive pairs are learnable
-    return {"data": x, "data2": 1.1 * x + 0.05 * torch.randn(x.shape, generator=g), "keys": list(range(n))}
+    # two views of the same images: intensity change and noise, so the positive pairs are learnable
+    return {"data": x, "data2": 1.1 * x + noise * torch.randn(x.shape, generator=g), "keys": list(range(n))}
 
 
 def test_heads_live_beside_the_stock_network(make_trainer):
@@ -50,7 +50,7 @@ def test_simclr_steps_on_a_fixed_batch_lower_the_loss(make_trainer):
     torch.manual_seed(0)
     trainer = make_trainer(pretrain_lr=3e-3)
     assert trainer.stage() == PRETRAIN and isinstance(trainer.optimizer, torch.optim.AdamW)
-    batch = two_view_batch()
+    batch = two_view_batch(noise=1.0)  # noisy enough that the first step is far from the minimum
     losses = [float(trainer.train_step(batch)["loss"]) for _ in range(15)]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 0.1, losses
@@ -67,6 +67,23 @@ def test_projection_separates_images_at_init(make_trainer):
         ours = torch.nn.functional.normalize(trainer.cl_modules["local"](bottleneck).flatten(2).mean(-1), dim=1)
     spread = lambda z: (1 - z @ z.T).abs().mean().item()  # noqa: E731
     assert spread(ours) > spread(plain)
+
+
+def test_embeddings_start_spread_out_not_collapsed(make_trainer):
+    """Without the projector's BatchNorm every image starts at nearly one embedding: NT-Xent's collapse value."""
+    torch.manual_seed(0)
+    trainer = make_trainer()
+    heads = trainer.cl_modules
+    x = two_view_batch(n=8)["data"]
+    with torch.no_grad():
+        pooled = heads["local"](trainer.encode(x)[-1]).flatten(2).mean(-1)
+        with_bn = torch.nn.functional.normalize(heads["projector"](pooled), dim=1)
+        no_bn = [m for m in heads["projector"] if not isinstance(m, torch.nn.BatchNorm1d)]
+        without_bn = torch.nn.functional.normalize(torch.nn.Sequential(*no_bn)(pooled), dim=1)
+    off_diagonal = ~torch.eye(len(x), dtype=torch.bool)
+    mean_cos = lambda z: (z @ z.T)[off_diagonal].mean().item()  # noqa: E731
+    assert mean_cos(without_bn) > 0.95  # the failure the BatchNorm is there for
+    assert mean_cos(with_bn) < 0.5
 
 
 def test_resume_mid_pretraining_restores_heads_and_optimizer(make_trainer, tmp_path):

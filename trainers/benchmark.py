@@ -27,7 +27,8 @@ from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLRPretrain
 #             are its phases: region + k experts x expert_epochs + distillation.
 SCHEDULES = {
     "clBench": {
-        "finetune": (10, 25, 3),  # 250 steps
+        # 1000 steps: with 250 (the first version) scratch nnU-Net still predicted only background at k = 5 and 10
+        "finetune": (40, 25, 3),
         "pretrain_iterations": 25,
         "pretrain": {
             # SimCLR's negatives are the other samples of the step: 8 samples (16 views), not the batch of 2
@@ -37,7 +38,7 @@ SCHEDULES = {
         },
     },
     "clBenchQuick": {
-        "finetune": (5, 20, 2),  # 100 steps
+        "finetune": (16, 25, 2),  # 400 steps
         "pretrain_iterations": 10,
         "pretrain": {
             "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 6, "pretrain_batch_size": 8},

@@ -30,13 +30,15 @@ def labels_to_pos_mask(labels_row: torch.Tensor, labels_col: torch.Tensor | None
 
 def masked_supcon(
     z: torch.Tensor,
-    pos_mask: torch.Tensor,
+    pos_mask: torch.Tensor | None = None,
     temperature: float = 0.1,
     base_temperature: float | None = None,
     neg_mask: torch.Tensor | None = None,
     mode: str = "supcon",
     keys: torch.Tensor | None = None,
-    chunk_elements: int = 1 << 22,
+    chunk_elements: int = 1 << 19,
+    labels: torch.Tensor | None = None,
+    key_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Masked supervised contrastive loss on L2-normalised embeddings.
 
@@ -62,16 +64,25 @@ def masked_supcon(
     attached to the graph (gradient zero, never NaN). Everything is computed in float32 (float64 stays
     float64), with autocast disabled, so fp16/bf16 inputs give a finite result.
 
+    Positives come either from ``pos_mask`` or, for dense methods with thousands of sampled voxels, from
+    ``labels``: P_i = {a : labels[i] == key_labels[a]}, built one block of rows at a time, so no (N, M) mask
+    is ever held in memory (8192 anchors: a 64 MiB bool mask, 420 MiB at 20480).
+
     Args:
         z: (N, D) anchor embeddings (need not be normalised).
         pos_mask: (N, M) bool positive mask; with ``keys is None`` M = N and the diagonal is ignored.
+            Give this or ``labels``.
         temperature: tau.
         base_temperature: tau_b; the loss is scaled by tau / tau_b (SupContrast convention).
         neg_mask: optional (N, M) bool negative mask; pairs in neither mask are ignored entirely.
         mode: "supcon" or "pos_vs_negs".
         keys: optional (M, D) contrast set (queue, gathered embeddings).
         chunk_elements: anchors are processed in blocks of about this many (anchor, key) pairs, each
-            recomputed in the backward pass; the result does not depend on it.
+            recomputed in the backward pass; the result does not depend on it. The default (2 MiB of float32
+            logits per block) keeps the peak memory of a 4096-voxels-per-patch loss within 1.2x of a plain
+            nnU-Net step (benchmarks/step_cost.py) and is no slower than larger blocks on CPU.
+        labels: (N,) integer labels instead of ``pos_mask`` (same label = positive).
+        key_labels: (M,) labels of ``keys``; default ``labels`` (only without keys).
 
     Returns:
         Scalar loss tensor (float32, or float64 for float64 inputs).
@@ -86,7 +97,16 @@ def masked_supcon(
         raise ValueError(f"keys must be (M, {z.shape[1]}), got shape {tuple(keys.shape)}")
     n = z.shape[0]
     m = n if keys is None else keys.shape[0]
-    if tuple(pos_mask.shape) != (n, m):
+    if (pos_mask is None) == (labels is None):
+        raise ValueError("give exactly one of pos_mask and labels")
+    if labels is not None:
+        if key_labels is None and keys is not None:
+            raise ValueError("with keys, labels need key_labels (the labels of the keys)")
+        key_labels = labels if key_labels is None else key_labels
+        if tuple(labels.shape) != (n,) or tuple(key_labels.shape) != (m,):
+            raise ValueError(f"labels must be ({n},) and key_labels ({m},), got {tuple(labels.shape)} and "
+                             f"{tuple(key_labels.shape)}")
+    elif tuple(pos_mask.shape) != (n, m):
         raise ValueError(f"pos_mask must be ({n}, {m}), got {tuple(pos_mask.shape)}")
     if neg_mask is not None and tuple(neg_mask.shape) != (n, m):
         raise ValueError(f"neg_mask must be ({n}, {m}), got {tuple(neg_mask.shape)}")
@@ -97,7 +117,10 @@ def masked_supcon(
     with torch.autocast(device_type=z.device.type, enabled=False):
         anchors = F.normalize(z.to(dtype), dim=1)
         contrast = anchors if keys is None else F.normalize(keys.to(device=z.device, dtype=dtype), dim=1)
-        pos_mask = pos_mask.to(device=z.device, dtype=torch.bool)
+        if pos_mask is not None:
+            pos_mask = pos_mask.to(device=z.device, dtype=torch.bool)
+        else:
+            labels, key_labels = labels.to(z.device), key_labels.to(z.device)
         neg_mask = None if neg_mask is None else neg_mask.to(device=z.device, dtype=torch.bool)
         # Rows are processed in chunks, each recomputed in the backward pass (checkpointing), so autograd keeps
         # no (N, M) intermediates between forward and backward (8192 sampled voxels: 256 MiB each in float32).
@@ -107,7 +130,8 @@ def masked_supcon(
         total, count = anchors.sum() * 0, anchors.new_zeros(())  # connected even with no anchors
         for start in range(0, n, rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
-            args = (anchors[rows], contrast, pos_mask[rows], None if neg_mask is None else neg_mask[rows],
+            pos_rows = pos_mask[rows] if pos_mask is not None else (labels[rows], key_labels)
+            args = (anchors[rows], contrast, pos_rows, None if neg_mask is None else neg_mask[rows],
                     start if keys is None else None, temperature, mode)
             part, rows_with_pos = checkpoint(_chunk_loss, *args, use_reentrant=False) if checkpointing \
                 else _chunk_loss(*args)
@@ -124,10 +148,11 @@ def _chunk_loss(anchors, contrast, pos_mask, neg_mask, self_offset, temperature,
     """Summed row losses of one block of anchors and the number of those rows that have a positive.
 
     ``self_offset`` is the index of the block's first anchor in the contrast set when anchors are their own
-    keys (the anchor itself is then excluded), None with separate keys.
+    keys (the anchor itself is then excluded), None with separate keys. ``pos_mask`` is the block's rows of
+    the mask, or (row labels, key labels).
     """
     logits = anchors @ contrast.T / temperature  # (rows, M)
-    pos = pos_mask
+    pos = pos_mask[0][:, None] == pos_mask[1][None, :] if isinstance(pos_mask, tuple) else pos_mask
     if self_offset is not None:
         rows = torch.arange(self_offset, self_offset + anchors.shape[0], device=anchors.device)
         not_self = rows[:, None] != torch.arange(contrast.shape[0], device=anchors.device)[None, :]
