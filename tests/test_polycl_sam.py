@@ -305,6 +305,38 @@ def test_cli_sam_refine_end_to_end_with_fake_module(fake_segment_anything, tmp_p
     assert np.array_equal(got, refine_volume(np.zeros((5, 16, 16)), _coarse(), BoxFillRefiner(), margin=1))
 
 
+def test_refine_volume_visits_each_slice_once_for_all_labels():
+    """Labels 1 and 2 share slice 2: all its prompts come together, so SAM encodes the slice once."""
+    refiner = BoxFillRefiner()
+    image = np.random.default_rng(0).normal(size=(5, 16, 16))
+    refine_volume(image, _coarse(), refiner, margin=0)
+    slices = [int(np.flatnonzero([np.array_equal(c[0], image[k]) for k in range(5)])[0]) for c in refiner.calls]
+    assert slices == [1, 2, 2]  # slice-major; label 1's then label 2's box on slice 2
+
+
+def test_cli_sam_refine_checks_input_before_loading_sam(monkeypatch, tmp_path):
+    """A wrong folder is reported in one line (no traceback) even where SAM is not installed."""
+    monkeypatch.setitem(sys.modules, "segment_anything", None)
+    images, preds = _make_folders(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main_sam_refine(["-i", str(tmp_path / "nope"), "-p", str(preds), "-o", str(tmp_path / "o"),
+                         "-ckpt", "x.pth"])
+    msg = str(e.value)
+    assert msg.startswith("nnUNetv2_cl_sam_refine: error: The image folder (-i)") and "\n" not in msg
+    with pytest.raises(SystemExit, match="segment_anything is not installed"):  # good input: then the extra
+        main_sam_refine(["-i", str(images), "-p", str(preds), "-o", str(tmp_path / "o"), "-ckpt", "x.pth"])
+
+
+def test_cli_sam2_propagate_one_line_errors(tmp_path):
+    vol = np.zeros((6, 8, 10), dtype=np.float32)
+    _write(vol, tmp_path / "img_0000.nii.gz")
+    args = ["-s", str(tmp_path / "lab.npy"), "-o", str(tmp_path / "o.nii.gz"), "-ckpt", "x.pt", "-cfg", "c.yaml"]
+    with pytest.raises(SystemExit, match="^nnUNetv2_cl_sam2_propagate: error: The image .* does not exist"):
+        main_sam2_propagate(["-i", str(tmp_path / "missing.nii.gz"), "--slice", "0"] + args)
+    with pytest.raises(SystemExit, match="--slice 6 along --axis 0 is outside"):
+        main_sam2_propagate(["-i", str(tmp_path / "img_0000.nii.gz"), "--slice", "6"] + args)
+
+
 # ------------------------------------------------------------------------------------ SAM 2 propagation
 def test_propagation_order_forward_then_backward_and_output_volume():
     vol = np.random.default_rng(0).normal(size=(7, 8, 9))

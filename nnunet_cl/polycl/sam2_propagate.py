@@ -255,13 +255,22 @@ def main_sam2_propagate(argv: list[str] | None = None) -> None:
                    help="intensity window, e.g. -160 240 for CT (default: volume percentiles)")
     p.add_argument("-device", default="cpu", help="torch device (default cpu)")
     args = p.parse_args(argv)
+    try:
+        _propagate_file(args, sitk)
+    except NnUNetCLError as e:
+        raise SystemExit(f"nnUNetv2_cl_sam2_propagate: error: {e}")
 
+
+def _propagate_file(args, sitk) -> None:
     if not isfile(args.i):
         raise NnUNetCLError(f"The image {args.i} does not exist.")
     image = sitk.ReadImage(args.i)
     volume = sitk.GetArrayFromImage(image)
     if volume.ndim != 3:
         raise NnUNetCLError(f"{args.i} is not a single-channel 3-D image (array shape {volume.shape}).")
+    if not -volume.ndim <= args.axis < volume.ndim or not 0 <= args.slice < volume.shape[args.axis]:
+        raise NnUNetCLError(f"--slice {args.slice} along --axis {args.axis} is outside {args.i} (array shape "
+                            f"{volume.shape}). Fix: a slice index from 0 to {volume.shape[args.axis % 3] - 1}.")
     slice_mask = load_slice_mask(args.s, volume.shape, args.slice, args.axis)
     propagator = Sam2Propagator(args.ckpt, args.cfg, device=args.device,
                                 window=tuple(args.window) if args.window else None)

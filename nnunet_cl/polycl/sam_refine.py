@@ -36,6 +36,7 @@ __all__ = [
     "to_uint8_rgb",
     "boxes_from_mask",
     "refine_volume",
+    "prediction_cases",
     "refine_prediction_folder",
     "main_sam_refine",
 ]
@@ -187,11 +188,16 @@ def refine_volume(image3d: np.ndarray, mask3d: np.ndarray, refiner: MaskRefiner,
     img = np.moveaxis(image3d, axis, 0)
     coarse = np.moveaxis(mask3d, axis, 0)
     out = np.zeros_like(coarse)
-    for label in labels:
-        binary = coarse == label
-        for s, boxes in boxes_from_mask(binary, axis=0, margin=margin, per_component=per_component).items():
-            box_list = boxes if per_component else [boxes]
-            merged = np.zeros(binary.shape[1:], dtype=bool)
+    boxes = {label: boxes_from_mask(coarse == label, axis=0, margin=margin, per_component=per_component)
+             for label in labels}
+    # slice by slice, all labels of a slice together: SAM encodes each slice once (SamBoxRefiner's cache)
+    for s in sorted({s for per_label in boxes.values() for s in per_label}):
+        for label in labels:
+            if s not in boxes[label]:
+                continue
+            binary = coarse[s] == label
+            box_list = boxes[label][s] if per_component else [boxes[label][s]]
+            merged = np.zeros(binary.shape, dtype=bool)
             for box in box_list:
                 region = _box_region(merged.shape, box)
                 answer = refiner.refine_slice(img[s], box)
@@ -202,7 +208,7 @@ def refine_volume(image3d: np.ndarray, mask3d: np.ndarray, refiner: MaskRefiner,
                 if answer is not None and clip_to_box:
                     answer = answer & region
                 if answer is None or not answer.any():
-                    answer = binary[s] & region  # keep the coarse mask (rule 2)
+                    answer = binary & region  # keep the coarse mask (rule 2)
                 merged |= answer
             out[s][merged] = label
     return np.moveaxis(out, 0, axis)
@@ -222,6 +228,31 @@ def _detect_file_ending(pred_folder: str) -> str:
             return ending
     raise NnUNetCLError(f"No segmentation files ({', '.join(_KNOWN_ENDINGS)}) found in {pred_folder}. "
                         f"Fix: point -p to an nnU-Net prediction folder, or pass the file ending.")
+
+
+def prediction_cases(pred_folder: str, image_folder: str, channel: int = 0,
+                     file_ending: str | None = None) -> tuple[str, list[str]]:
+    """(file ending, cases) of an nnU-Net prediction folder whose images are all in ``image_folder``.
+
+    Raises NnUNetCLError naming the problem and the fix: a missing folder, no predictions, a case without
+    its image. Cheap, so the CLI runs it before loading SAM.
+    """
+    for folder, what in ((pred_folder, "prediction folder (-p)"), (image_folder, "image folder (-i)")):
+        if not isdir(folder):
+            raise NnUNetCLError(f"The {what} {folder} does not exist.")
+    ending = file_ending or _detect_file_ending(pred_folder)
+    cases = sorted(n[: -len(ending)] for n in os.listdir(pred_folder)
+                   if n.endswith(ending) and not n.startswith("."))
+    if not cases:
+        raise NnUNetCLError(f"No '*{ending}' predictions in {pred_folder}.")
+    missing = [c for c in cases if not isfile(join(image_folder, f"{c}_{channel:04d}{ending}"))]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise NnUNetCLError(
+            f"No image for {len(missing)} prediction(s) ({shown}): "
+            f"expected {join(image_folder, missing[0] + f'_{channel:04d}{ending}')}. Fix: pass the folder with the "
+            f"raw images (nnU-Net naming CASE_XXXX{ending}) as -i, or choose the channel.")
+    return ending, cases
 
 
 def refine_prediction_folder(pred_folder: str, image_folder: str, out_folder: str, refiner: MaskRefiner,
@@ -245,21 +276,7 @@ def refine_prediction_folder(pred_folder: str, image_folder: str, out_folder: st
     """
     import SimpleITK as sitk
 
-    for folder, what in ((pred_folder, "prediction folder (-p)"), (image_folder, "image folder (-i)")):
-        if not isdir(folder):
-            raise NnUNetCLError(f"The {what} {folder} does not exist.")
-    ending = file_ending or _detect_file_ending(pred_folder)
-    cases = sorted(n[: -len(ending)] for n in os.listdir(pred_folder)
-                   if n.endswith(ending) and not n.startswith("."))
-    if not cases:
-        raise NnUNetCLError(f"No '*{ending}' predictions in {pred_folder}.")
-    missing = [c for c in cases if not isfile(join(image_folder, f"{c}_{channel:04d}{ending}"))]
-    if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise NnUNetCLError(
-            f"No image for {len(missing)} prediction(s) ({shown}): "
-            f"expected {join(image_folder, missing[0] + f'_{channel:04d}{ending}')}. Fix: pass the folder with the "
-            f"raw images (nnU-Net naming CASE_XXXX{ending}) as -i, or choose the channel.")
+    ending, cases = prediction_cases(pred_folder, image_folder, channel, file_ending)
     os.makedirs(out_folder, exist_ok=True)
     written = []
     for case in cases:
@@ -379,9 +396,13 @@ def main_sam_refine(argv: list[str] | None = None) -> None:
     p.add_argument("--channel", type=int, default=0, help="image channel to use (default 0)")
     p.add_argument("-device", default="cpu", help="torch device (default cpu)")
     args = p.parse_args(argv)
-    refiner = SamBoxRefiner(args.ckpt, model_type=args.model_type, device=args.device,
-                            window=tuple(args.window) if args.window else None)
-    written = refine_prediction_folder(args.p, args.i, args.o, refiner, labels=args.labels, axis=args.axis,
-                                       margin=args.margin, per_component=args.per_component,
-                                       clip_to_box=not args.no_clip_to_box, channel=args.channel)
+    try:
+        prediction_cases(args.p, args.i, args.channel)  # bad input fails here, before SAM is loaded
+        refiner = SamBoxRefiner(args.ckpt, model_type=args.model_type, device=args.device,
+                                window=tuple(args.window) if args.window else None)
+        written = refine_prediction_folder(args.p, args.i, args.o, refiner, labels=args.labels, axis=args.axis,
+                                           margin=args.margin, per_component=args.per_component,
+                                           clip_to_box=not args.no_clip_to_box, channel=args.channel)
+    except NnUNetCLError as e:
+        raise SystemExit(f"nnUNetv2_cl_sam_refine: error: {e}")
     print(f"Refined {len(written)} case(s) into {args.o}")
