@@ -55,6 +55,7 @@ def run(volumes, cfg, batch: int, steps: int, lr: float, batchnorm: bool, report
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-5)
     print(f"projector {'with' if batchnorm else 'without'} BatchNorm; collapse value ln(2N-1) = "
           f"{np.log(2 * batch - 1):.3f}")
+    window = []
     for step in range(steps):
         crops = [crop(volumes[i], cfg["patch_size"], rng) for i in rng.choice(len(volumes), batch, replace=False)]
         views = torch.from_numpy(np.stack([view(c, rng) for c in crops + crops]))[:, None]
@@ -64,11 +65,13 @@ def run(volumes, cfg, batch: int, steps: int, lr: float, batchnorm: bool, report
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 12)
         optimizer.step()
+        window.append(loss.item())
         if step % report_every == 0 or step == steps - 1:
             zn = nn.functional.normalize(z.detach(), dim=1)
             cos = (zn @ zn.T)[~torch.eye(len(zn), dtype=torch.bool)].mean().item()
-            print(f"  step {step:3d}  loss {loss.item():.3f}  mean cosine between different images {cos:.3f}",
-                  flush=True)
+            print(f"  step {step:3d}  loss {loss.item():.3f} (mean of the last {len(window)} steps "
+                  f"{np.mean(window):.3f})  mean cosine between different images {cos:.3f}", flush=True)
+            window = []
 
 
 def main():

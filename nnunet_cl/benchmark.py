@@ -678,7 +678,8 @@ def main(argv=None) -> None:
     p.add_argument("--name", default=None, help="dataset name (default: from dataset.json)")
     p.add_argument("--dataset_id", type=int, default=DEFAULT_ID, help=f"id inside --work (default {DEFAULT_ID})")
     p.add_argument("--k", type=int, nargs="+", default=[2, 5, 10], help="labeled cases per run (default 2 5 10)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="draws of the k cases (default 0 1 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="draws of the k cases (default 0: one seed fits 3 h; add seeds later, e.g. 0 1 2)")
     p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS,
                    help=f"default: {' '.join(DEFAULT_ARMS)}; NAME=nnUNetTrainerXPretrain adds a method of yours")
     p.add_argument("--n_test", type=int, default=50, help="held-out test cases (default 50)")
