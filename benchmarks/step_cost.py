@@ -79,9 +79,12 @@ def memory_case(args) -> None:
     from nnunet_cl.losses import masked_supcon
     from nnunet_cl.sampling import sample_voxels
 
+    if args.memory_case == "plain+core+trainer_setting":
+        from nnunet_cl.memory import fix_mmap_threshold
+        fix_mmap_threshold()  # what nnunet-cl's trainers do in initialize()
     trainer = make_trainer("nnUNetTrainer", args.d, args.c, args.p)
     batch = fake_batch(trainer, torch.Generator().manual_seed(0))
-    if args.memory_case == "plain+core":
+    if args.memory_case.startswith("plain+core"):
         net = trainer.network
         trainer.optimizer.zero_grad(set_to_none=True)
         with tap({"f": net.decoder.stages[-2]}) as feats:
@@ -115,12 +118,25 @@ def memory_run(args, case: str, malloc: str) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["maxrss_mb"]
 
 
+def measure_memory(args) -> dict:
+    """{(case, malloc setting): [peak MB of each fresh process]}."""
+    mem = {}
+    for malloc in MALLOC_SETTINGS:
+        for case in ("plain", "plain+core") + (("plain+core+trainer_setting",) if malloc == "default" else ()):
+            mem[case, malloc] = [memory_run(args, case, malloc) for _ in range(args.mem_repeats)]
+    return mem
+
+
 def memory_rows(mem: dict) -> list[str]:
     rows = []
     for malloc in MALLOC_SETTINGS:
         plain = statistics.median(mem["plain", malloc])
         for case, label in (("plain", "plain nnUNetTrainer step"),
-                            ("plain+core", "plain step + loss core, 4096 sampled voxels/patch")):
+                            ("plain+core", "plain step + loss core, 4096 sampled voxels/patch"),
+                            ("plain+core+trainer_setting", "the same, with nnunet-cl's trainer setting "
+                                                           "(`fix_mmap_threshold` in `initialize`)")):
+            if (case, malloc) not in mem:
+                continue
             runs = mem[case, malloc]
             rows.append(f"| {label} | {malloc} | {statistics.median(runs):.0f} ({min(runs):.0f}–{max(runs):.0f}) | "
                         f"{statistics.median(runs) / plain:.2f} |")
@@ -143,12 +159,20 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as nnU-Net, all cores)")
     parser.add_argument("--out", default=None, help="write a Markdown report here")
     parser.add_argument("--mem_repeats", type=int, default=3, help="fresh processes per memory case (default 3)")
+    parser.add_argument("--memory_only", action="store_true", help="only the peak-memory table")
     parser.add_argument("--memory_case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count())
     if args.memory_case:
         return memory_case(args)
 
+    if args.memory_only:
+        mem = measure_memory(args)
+        return write_report("\n".join([
+            f"| peak memory (VmHWM; median of {args.mem_repeats} fresh processes, range) | glibc malloc | MB | ratio |",
+            "|---|---|---|---|", *memory_rows(mem), "",
+            f"Command: python benchmarks/step_cost.py -d {args.d} -c {args.c} -p {args.p} --memory_only "
+            f"--mem_repeats {args.mem_repeats}"]), args.out)
     tmp = tempfile.mkdtemp(prefix="nnunet_cl_bench_")
     os.environ.setdefault("nnUNet_results", tmp)  # trainers create output folders on construction
     trainers = {name: make_trainer(name, args.d, args.c, args.p) for name in args.trainers}
@@ -156,10 +180,7 @@ def main():
     base = statistics.median(times["nnUNetTrainer"])
     rows = [f"| {n} | {statistics.median(t) * 1000:.0f} | {np.percentile(t, 25) * 1000:.0f}–"
             f"{np.percentile(t, 75) * 1000:.0f} | {statistics.median(t) / base:.2f} |" for n, t in times.items()]
-    mem = {}  # (case, malloc setting) -> peak MB of each fresh process
-    for malloc in MALLOC_SETTINGS:
-        for case in ("plain", "plain+core"):
-            mem[case, malloc] = [memory_run(args, case, malloc) for _ in range(args.mem_repeats)]
+    mem = measure_memory(args)
     tr = trainers["nnUNetTrainer"]
     report = "\n".join([
         f"Step cost on {tr.plans_manager.dataset_name} {args.c}: patch {list(tr.configuration_manager.patch_size)}, "

@@ -10,9 +10,9 @@ def pooled_projection_heads(channels: int, hidden: int, out_dim: int, conv_op=nn
     same vector for every image; a learned 1x1 conv and nonlinearity before pooling keep the average informative.
     Even so, at initialisation the pooled vectors of different images differ by well under 1% (cosine 0.999), and
     a plain MLP maps them onto one embedding: NT-Xent then starts at its collapse value ln(2N - 1) with tiny
-    gradients and, under nnU-Net's strong augmentation, stays there. The BatchNorm in the projector (as in
-    SimCLR's own head) removes that shared component across the batch, so training starts from spread-out
-    embeddings (measured in docs/methods/simclr.md). Needs at least 2 samples per step in training mode.
+    gradients (the demo stayed there). The BatchNorm in the projector (as in SimCLR's own head) removes that
+    shared component across the batch, so training starts from spread-out embeddings (measured in
+    docs/methods/simclr.md). Needs at least 2 samples per step in training mode.
     """
     return {"local": nn.Sequential(conv_op(channels, channels, 1), nn.LeakyReLU(inplace=True)),
             "projector": nn.Sequential(nn.Linear(channels, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),

@@ -31,6 +31,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 
+from nnunet_cl.memory import fix_mmap_threshold
 from nnunet_cl.plotting import plot_loss_terms
 from nnunet_cl.pool import list_pool
 from nnunet_cl_trainers.pool_data import PoolDataset, TwoViewDataLoader
@@ -58,6 +59,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         # pretraining optimiser: AdamW with nnU-Net's poly decay over the pretraining stage
         self.pretrain_lr = 1e-3
         self.pretrain_weight_decay = 1e-5
+        # glibc keeps freed multi-MiB blocks of the blockwise losses; a fixed threshold returns them (None: off)
+        self.mmap_threshold_bytes = 131072
         self.cl_modules: nn.ModuleDict | None = None
         self._optimizer_stage = None
         self._pool_loader = None
@@ -100,6 +103,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
 
     # ---------------------------------------------------------------- set-up
     def initialize(self):
+        if self.mmap_threshold_bytes:
+            fix_mmap_threshold(self.mmap_threshold_bytes)
         self.num_epochs = self.num_epochs_total
         super().initialize()
 
