@@ -376,7 +376,7 @@ def test_staged_training_on_real_ct(kbp, staged_run):
     fold = kbp["root"] / "nnUNet_results" / DATASET / f"{TRAINER}__nnUNetPlans__3d_fullres" / "fold_0"
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["current_epoch"] == 3 and (fold / "checkpoint_pretrained.pth").is_file()
-    assert set(ckpt["nnunet_cl"]["cl_modules"]) >= {"local.0.weight", "projector.2.weight"}
+    assert set(ckpt["nnunet_cl"]["cl_modules"]) >= {"local.0.weight", "projector.1.running_mean", "projector.3.weight"}
     polycl = np.array(ckpt["logging"]["cl_polycl"], dtype=float)
     assert np.isfinite(polycl[:2]).all() and np.isnan(polycl[2:]).all()
     assert np.isfinite(ckpt["logging"]["mean_fg_dice"][2])
