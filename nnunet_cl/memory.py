@@ -12,8 +12,8 @@ def fix_mmap_threshold(threshold_bytes: int = 131072) -> bool:
     glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), so later blocks of a
     few MiB come from the heap and stay there after they are freed. A contrastive loss computed in blocks
     of a few MiB then leaves hundreds of MB of freed memory in the process: peak resident memory of a
-    batch-5 Hippocampus step with the 4096-voxel loss core was 1.28x a plain step with the default and
-    1.03x with a fixed 128 KiB threshold (docs/architecture.md, "Memory"). Same effect as exporting
+    batch-5 Hippocampus step with the 4096-voxel loss core was 1.28x to 1.55x a plain step with the default
+    and 1.03x with a fixed 128 KiB threshold (benchmarks/results/step_cost_hippocampus.md). Same effect as exporting
     MALLOC_MMAP_THRESHOLD_=131072 before Python starts.
 
     Does nothing (returns False) when that variable is set, so the user's choice wins, or when the C
