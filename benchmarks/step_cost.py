@@ -127,6 +127,12 @@ def measure_memory(args) -> dict:
     return mem
 
 
+def memory_table(args) -> list[str]:
+    """Markdown lines of the peak-memory table (runs the fresh processes), ending with a blank line."""
+    return [f"| peak memory (VmHWM; median of {args.mem_repeats} fresh processes, range) | glibc malloc | MB | "
+            f"ratio |", "|---|---|---|---|", *memory_rows(measure_memory(args)), ""]
+
+
 def memory_rows(mem: dict) -> list[str]:
     rows = []
     for malloc in MALLOC_SETTINGS:
@@ -167,10 +173,7 @@ def main():
         return memory_case(args)
 
     if args.memory_only:
-        mem = measure_memory(args)
-        return write_report("\n".join([
-            f"| peak memory (VmHWM; median of {args.mem_repeats} fresh processes, range) | glibc malloc | MB | ratio |",
-            "|---|---|---|---|", *memory_rows(mem), "",
+        return write_report("\n".join(memory_table(args) + [
             f"Command: python benchmarks/step_cost.py -d {args.d} -c {args.c} -p {args.p} --memory_only "
             f"--mem_repeats {args.mem_repeats}"]), args.out)
     tmp = tempfile.mkdtemp(prefix="nnunet_cl_bench_")
@@ -180,15 +183,13 @@ def main():
     base = statistics.median(times["nnUNetTrainer"])
     rows = [f"| {n} | {statistics.median(t) * 1000:.0f} | {np.percentile(t, 25) * 1000:.0f}–"
             f"{np.percentile(t, 75) * 1000:.0f} | {statistics.median(t) / base:.2f} |" for n, t in times.items()]
-    mem = measure_memory(args)
     tr = trainers["nnUNetTrainer"]
     report = "\n".join([
         f"Step cost on {tr.plans_manager.dataset_name} {args.c}: patch {list(tr.configuration_manager.patch_size)}, "
         f"batch {tr.batch_size}, {torch.get_num_threads()} torch threads, {args.steps} timed steps each "
         f"(median; interquartile range), CPU.",
         "", "| trainer | ms / step | IQR ms | ratio to nnUNetTrainer |", "|---|---|---|---|", *rows, "",
-        f"| peak memory (VmHWM; median of {args.mem_repeats} fresh processes, range) | glibc malloc | MB | ratio |",
-        "|---|---|---|---|", *memory_rows(mem), "",
+        *memory_table(args),
         f"Command: python benchmarks/step_cost.py -d {args.d} -c {args.c} -p {args.p} --steps {args.steps} "
         f"--mem_repeats {args.mem_repeats}"])
     write_report(report, args.out)
