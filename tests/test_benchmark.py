@@ -217,3 +217,23 @@ def test_rerun_skips_finished_runs(bench, tmp_path):
     proc = subprocess.run(other, env=bench["env"], capture_output=True, text=True,
         encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode != 0 and "n_test: 2 -> 3" in proc.stderr
+
+
+def test_finetuning_is_seeded_by_fold_so_arms_are_paired(bench, tmp_path):
+    """Retraining the scratch run's fold reproduces its weights exactly: every arm of a fold starts from the same
+    random decoder and sees the same augmented batches; only the pretrained weights differ."""
+    import torch
+    work = bench["work"]
+    fold = json.loads((work / "runs" / "clBenchTest" / "scratch__k2__seed0.json").read_text())["fold"]
+    env = dict(bench["env"], nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
+               nnUNet_results=str(tmp_path), nnUNet_compile="0")
+    cmd = ["nnUNetv2_train", "950", "3d_fullres", str(fold), "-tr", "nnUNetTrainer_clBenchTest", "-p",
+           "nnUNetPlans_clBench", "-device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    name = f"Dataset950_Phantom/nnUNetTrainer_clBenchTest__nnUNetPlans_clBench__3d_fullres/fold_{fold}/checkpoint_final.pth"
+    first, again = (torch.load(root / name, map_location="cpu", weights_only=False)["network_weights"]
+                    for root in (work / "nnUNet_results" / "scratch", tmp_path))
+    assert first.keys() == again.keys()
+    for key in first:
+        assert torch.equal(first[key], again[key]), key

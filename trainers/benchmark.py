@@ -13,9 +13,14 @@ has the class: nnU-Net imports every trainer module when it looks one up, so a m
 never break this module. Why a class is missing is kept in `UNAVAILABLE` (the benchmark reports it).
 """
 import importlib
+import random
+from contextlib import contextmanager
 
+import numpy as np
 import torch
+from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as _trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLRPretrain
 
@@ -49,17 +54,45 @@ SCHEDULES = {
 }
 
 
+@contextmanager
+def seeded_augmenters(seed: int):
+    """Inside, nnU-Net's data-augmentation workers get seeds `seed * 1000 + i` instead of fresh entropy.
+
+    nnUNetTrainer.get_dataloaders builds them with `seeds=None` and starts them before returning, so the seeds can
+    only go in through the class it calls (looked up in its module at call time).
+    """
+    cls = _trainer_module.NonDetMultiThreadedAugmenter
+
+    def seeded(*args, num_processes: int, seeds=None, **kwargs):
+        seeded.calls += 1  # training and validation augmenters must not share a stream
+        return cls(*args, num_processes=num_processes, **kwargs,
+                   seeds=[seed * 1000 + 100 * seeded.calls + i for i in range(num_processes)])
+
+    seeded.calls = 0
+    _trainer_module.NonDetMultiThreadedAugmenter = seeded
+    try:
+        yield
+    finally:
+        _trainer_module.NonDetMultiThreadedAugmenter = cls
+
+
 class nnUNetTrainer_clBench(nnUNetTrainer):
     """nnU-Net with the benchmark's supervised schedule; every arm fine-tunes with exactly this class.
 
-    Training is nnUNetTrainer's, with fewer epochs and iterations. The one other change: no final validation
-    (nnU-Net predicting every validation case with test-time mirroring after training). The benchmark scores the
-    held-out test set itself, and on a 2-core CPU that validation costs minutes per run; it never changes the
-    model. `final_validation = True` brings it back.
+    Training is nnUNetTrainer's, with fewer epochs and iterations, and two changes:
+    - it is seeded (`training_seed`, default: the fold). The benchmark gives every arm the same fold for the same
+      (k, seed), so all arms start from the same random decoder, see the same patches in the same order with the
+      same augmentation, and differ only in the pretrained weights (paired runs: less noise between arms). With
+      nnUNet_n_proc_DA = 1 (the benchmark's default) or 0 the run is repeatable on CPU; with more workers nnU-Net
+      takes batches in whichever order the workers deliver them;
+    - no final validation (nnU-Net predicting every validation case with test-time mirroring after training).
+      The benchmark scores the held-out test set itself, and on a 2-core CPU that validation costs minutes per
+      run; it never changes the model. `final_validation = True` brings it back.
     """
 
     schedule = "clBench"
     final_validation = False
+    training_seed = None  # None: the fold
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -67,6 +100,26 @@ class nnUNetTrainer_clBench(nnUNetTrainer):
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = \
             SCHEDULES[self.schedule]["finetune"]
         self.save_every = 1  # checkpoint_latest after every epoch: an interrupted benchmark resumes with --c
+
+    @property
+    def seed(self) -> int:
+        return int(self.fold if self.training_seed is None else self.training_seed)
+
+    def initialize(self):
+        if not self.was_initialized:  # the network's random initialisation (decoder, and encoder without weights)
+            random.seed(self.seed)
+            np.random.seed(self.seed)
+            torch.manual_seed(self.seed)
+        super().initialize()
+
+    def get_dataloaders(self):
+        if get_allowed_n_proc_DA() == 0:  # augmentation in this process: its RNGs are the ones seeded above
+            random.seed(self.seed)
+            np.random.seed(self.seed)
+            torch.manual_seed(self.seed)
+            return super().get_dataloaders()
+        with seeded_augmenters(self.seed):
+            return super().get_dataloaders()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if self.final_validation:
