@@ -71,6 +71,15 @@ def test_folds_grow_without_moving_old_ones():
         build_folds(s["train"], s["val"], [50], [0])
 
 
+def test_step_size_must_be_a_fraction_of_the_patch():
+    import argparse
+    from nnunet_cl.benchmark import _step_size
+    assert _step_size("1") == 1.0 and _step_size("0.5") == 0.5
+    for bad in ("0", "1.5", "-0.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"\(0, 1\]"):
+            _step_size(bad)
+
+
 def test_arms_are_data_driven():
     assert parse_arms(["scratch", "simclr", "ceiling"]) == [
         ("scratch", None), ("simclr", "nnUNetTrainerSimCLRPretrain"), ("ceiling", None)]
@@ -118,7 +127,7 @@ def _bench_cmd(src, work, unlabeled):
     return [sys.executable, "-m", "nnunet_cl.benchmark", "-i", str(src), "--work", str(work), "--k", "2",
             "--seeds", "0", "--arms", "scratch", "simclr", "missing=nnUNetTrainerMissingPretrain",
             "--n_test", "2", "--n_val", "1", "--schedule", "clBenchTest", "--extra_unlabeled", str(unlabeled),
-            "--batch_size", "2", "--width", "8"]
+            "--batch_size", "2", "--width", "8", "--step_size", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +185,13 @@ def test_runs_table_plot_and_skipped_arm(bench):
         assert r["plans"] == "nnUNetPlans_clBench" and r["n_val"] == 1
     assert scratch["fold"] == simclr["fold"] and scratch["train_cases"] == simclr["train_cases"]
     assert scratch["pretrained_weights"] is None
+    assert scratch["step_size"] == simclr["step_size"] == 1.0
     assert simclr["pretrained_weights"].endswith(
         "nnUNetTrainerSimCLRPretrain_clBenchTest__nnUNetPlans_clBench__3d_fullres/fold_0/checkpoint_final.pth")
     log = (work / "benchmark_log.txt").read_text()
     assert log.count("Loading pretrained weights from file") == 1  # simclr only, scratch starts from nothing
+    predictions = [line for line in log.splitlines() if line.startswith("$ nnUNetv2_predict")]
+    assert len(predictions) == 2 and all(line.endswith("-step_size 1.0") for line in predictions)
     pre = json.loads((runs / "pretrain__simclr.json").read_text())
     assert pre["pool_cases"] == 10 and pre["wall_s"] > 0
     md = (work / "results_clBenchTest.md").read_text()

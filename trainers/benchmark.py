@@ -1,5 +1,6 @@
 """Schedules of `nnUNetv2_cl_benchmark` (docs/benchmarks.md): one supervised schedule shared by every arm, and
-one pretraining schedule per contrastive method, in two sizes: `clBench` (the full table) and `clBenchQuick`.
+one pretraining schedule per contrastive method, in three sizes: `clBench` (the full table), `clBenchQuick`
+and `clBenchCT` (OpenKBP-sized CT).
 
 - `nnUNetTrainer_clBench` is plain nnU-Net with fewer epochs and iterations. Every arm fine-tunes with it:
   scratch without weights, each contrastive arm with `-pretrained_weights` of its pretraining run, the
@@ -47,6 +48,16 @@ SCHEDULES = {
         "pretrain_iterations": 10,
         "pretrain": {
             "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 6, "pretrain_batch_size": 8},
+            "nnUNetTrainerSepaRegPretrain": {"region_epochs": 1, "k": 4, "expert_epochs": 1, "distill_epochs": 1},
+            "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 6},
+        },
+    },
+    # OpenKBP-sized CT (docs/benchmarks.md "OpenKBP"): patch 64^3 at width 16 costs about 5x a Hippocampus step
+    "clBenchCT": {
+        "finetune": (20, 25, 2),  # 500 steps
+        "pretrain_iterations": 20,
+        "pretrain": {
+            "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 6, "pretrain_batch_size": 4},
             "nnUNetTrainerSepaRegPretrain": {"region_epochs": 1, "k": 4, "expert_epochs": 1, "distill_epochs": 1},
             "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 6},
         },
@@ -110,6 +121,8 @@ class nnUNetTrainer_clBench(nnUNetTrainer):
             random.seed(self.seed)
             np.random.seed(self.seed)
             torch.manual_seed(self.seed)
+            self.print_to_log_file(f"{type(self).__name__}: training seed {self.seed} (network initialisation and "
+                                   f"data augmentation), the same for every arm of this fold")
         super().initialize()
 
     def get_dataloaders(self):
@@ -132,6 +145,12 @@ class nnUNetTrainer_clBenchQuick(nnUNetTrainer_clBench):
     """The fine-tuning schedule of `nnUNetv2_cl_benchmark --quick`."""
 
     schedule = "clBenchQuick"
+
+
+class nnUNetTrainer_clBenchCT(nnUNetTrainer_clBench):
+    """The fine-tuning schedule of `nnUNetv2_cl_benchmark --schedule clBenchCT` (OpenKBP-sized CT)."""
+
+    schedule = "clBenchCT"
 
 
 def pretrain_schedule(base: type, attrs: dict, suffix: str = "clBench", iterations: int | None = None,
