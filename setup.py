@@ -26,7 +26,8 @@ setup(
         "connected-components-3d",
     ],
     extras_require={
-        "test": ["pytest", "pytorch-metric-learning"],
+        # the SAM packages too: their CLIs are tested through the real APIs (random weights, nothing downloaded)
+        "test": ["pytest", "pytorch-metric-learning", "segment-anything", "sam2"],
         "sam": ["segment-anything", "sam2"],
     },
     entry_points={

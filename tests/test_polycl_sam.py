@@ -1,7 +1,11 @@
 """Optional SAM / SAM 2 plumbing (nnunet_cl.polycl.sam_refine, sam2_propagate) with fake predictors.
 
-No weights are needed or downloaded. The real-checkpoint tests at the end run only when the environment
-variables NNUNET_CL_SAM_CHECKPOINT / NNUNET_CL_SAM2_CHECKPOINT (+ NNUNET_CL_SAM2_CONFIG) are set.
+No weights are needed or downloaded. Two groups at the end:
+- the real segment_anything and sam2 packages (the `sam` extra, part of the `test` extra) with randomly
+  initialised weights saved as checkpoints: the CLIs run through the packages' real APIs, so an API mismatch
+  fails here. Random weights say nothing about mask quality; the tests check what the plumbing guarantees;
+- real checkpoints, only when NNUNET_CL_SAM_CHECKPOINT / NNUNET_CL_SAM2_CHECKPOINT (+ NNUNET_CL_SAM2_CONFIG)
+  name them: mask quality on a synthetic disc.
 """
 import importlib.util
 import json
@@ -493,6 +497,67 @@ def test_cli_sam2_propagate_end_to_end_with_fake_module(fake_sam2, tmp_path, cap
     assert got.GetSpacing() == pytest.approx(ref.GetSpacing()) and got.GetOrigin() == pytest.approx(ref.GetOrigin())
     arr = sitk.GetArrayFromImage(got)
     assert all(np.array_equal(arr[i], lab[2]) for i in range(6))
+
+
+# ------------------------------------------------------------------------ real packages, random weights
+_NO_SAM = importlib.util.find_spec("segment_anything") is None
+_NO_SAM2 = importlib.util.find_spec("sam2") is None
+
+
+@pytest.mark.skipif(_NO_SAM, reason="segment_anything not installed: pip install 'nnunet-cl[sam]' (or [test])")
+def test_cli_sam_refine_through_real_segment_anything(tmp_path, capsys):
+    from segment_anything import sam_model_registry
+    torch.manual_seed(0)
+    ckpt = tmp_path / "sam_vit_b_random.pth"
+    torch.save(sam_model_registry["vit_b"](checkpoint=None).state_dict(), ckpt)
+    images, preds = tmp_path / "images", tmp_path / "pred"
+    images.mkdir()
+    preds.mkdir()
+    coarse = np.zeros((3, 48, 40), dtype=np.uint8)
+    coarse[1, 10:20, 8:16] = 1
+    coarse[1, 30:36, 25:33] = 2  # two labels on one slice: SAM encodes it once
+    _write(np.random.default_rng(0).normal(size=coarse.shape).astype(np.float32), images / "ct_0000.nii.gz")
+    _write(coarse, preds / "ct.nii.gz")
+    out = tmp_path / "refined"
+    main_sam_refine(["-i", str(images), "-p", str(preds), "-o", str(out), "-ckpt", str(ckpt), "--margin", "2"])
+    assert "Refined 1 case(s)" in capsys.readouterr().out
+    ref, got_img = sitk.ReadImage(str(preds / "ct.nii.gz")), sitk.ReadImage(str(out / "ct.nii.gz"))
+    got = sitk.GetArrayFromImage(got_img)
+    assert got.shape == coarse.shape and got_img.GetSpacing() == pytest.approx(ref.GetSpacing())
+    assert not got[0].any() and not got[2].any()  # slices without a box stay empty
+    assert set(np.unique(got)) <= {0, 1, 2}
+    # clip_to_box (the default): each label only inside its box (coarse box + margin 2)
+    assert not got[1][(got[1] == 1) & ~_box_mask(coarse[1] == 1, 2)].any()
+    assert not got[1][(got[1] == 2) & ~_box_mask(coarse[1] == 2, 2)].any()
+
+
+def _box_mask(mask2d, margin):
+    ys, xs = np.nonzero(mask2d)
+    box = np.zeros_like(mask2d, dtype=bool)
+    box[max(ys.min() - margin, 0):ys.max() + margin + 1, max(xs.min() - margin, 0):xs.max() + margin + 1] = True
+    return box
+
+
+@pytest.mark.skipif(_NO_SAM2, reason="sam2 not installed: pip install 'nnunet-cl[sam]' (or [test])")
+def test_cli_sam2_propagate_through_real_sam2(tmp_path, capsys):
+    from sam2.build_sam import build_sam2_video_predictor
+    torch.manual_seed(0)
+    cfg = "configs/sam2.1/sam2.1_hiera_t.yaml"
+    ckpt = tmp_path / "sam2.1_hiera_t_random.pt"
+    torch.save({"model": build_sam2_video_predictor(cfg, None, device="cpu").state_dict()}, ckpt)
+    volume = np.random.default_rng(0).normal(size=(4, 40, 48)).astype(np.float32)
+    annotated = np.zeros((40, 48), dtype=np.uint8)
+    annotated[10:20, 10:22] = 1
+    annotated[25:30, 30:40] = 2
+    _write(volume, tmp_path / "ct_0000.nii.gz")
+    _write(annotated[None], tmp_path / "slice.nii.gz")  # a 1-slice volume holding the annotation
+    out = tmp_path / "label.nii.gz"
+    main_sam2_propagate(["-i", str(tmp_path / "ct_0000.nii.gz"), "-s", str(tmp_path / "slice.nii.gz"),
+                         "--slice", "1", "-o", str(out), "-ckpt", str(ckpt), "-cfg", cfg])
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert got.shape == volume.shape and got.dtype == np.uint8
+    assert np.array_equal(got[1], annotated)  # the annotated slice is kept as given
+    assert set(np.unique(got)) <= {0, 1, 2}   # frames before and after it got masks of the same objects
 
 
 # ------------------------------------------------------------------------ real checkpoints (opt-in)
