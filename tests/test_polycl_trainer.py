@@ -220,6 +220,9 @@ def test_sizes_and_variants(make_trainer):
     trainer.pretrain_patch_size = (8, 18, 16)
     with pytest.raises(NnUNetCLError, match="multiple"):
         trainer.get_pretrain_patch_size()
+    trainer.pretrain_patch_size = (4, 4, 4)  # one voxel at the bottleneck (downsampling 4 per axis)
+    with pytest.raises(NnUNetCLError, match="one voxel at the network's bottleneck.*--patch 8 8 8"):
+        trainer.get_pretrain_patch_size()
 
 
 # ------------------------------------------------------------------------------------------------ plans variant
@@ -249,6 +252,9 @@ def test_plans_variant_keeps_the_network(make_trainer):
     a, b = pre.network.state_dict(), fine.network.state_dict()
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     assert reduced_patch_size([40, 112, 64], [8, 16, 16]) == [24, 64, 32]
+    # halving 64^3 at downsampling 32 would leave one bottleneck voxel (instance norm fails): keep two multiples
+    assert reduced_patch_size([64, 64, 64], [32, 32, 32]) == [64, 64, 64]
+    assert reduced_patch_size([32, 128, 128], [32, 32, 32]) == [32, 64, 64]
 
 
 # ------------------------------------------------------------------------------------------------ real CT

@@ -24,7 +24,7 @@ from nnunet_cl.heads import pooled_embedding, pooled_projection_heads
 from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, polycl_triplet_loss
 from nnunet_cl.polycl.pairs import STRATEGIES, normalize_presence, sample_triplets, strategy_masks, valid_anchor_mask
-from nnunet_cl.polycl.plans import network_divisor, reduced_patch_size
+from nnunet_cl.polycl.plans import check_bottleneck, network_divisor, reduced_patch_size
 from nnunet_cl.pool import list_pool
 from nnunet_cl_trainers.base import PRETRAIN, nnUNetTrainerCLBase
 from nnunet_cl_trainers.polycl_data import PolyCLPatchLoader, PolyCLPoolDataset
@@ -84,6 +84,7 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
             if len(patch) != len(divisor) or any(p <= 0 or p % d for p, d in zip(patch, divisor)):
                 raise NnUNetCLError(f"pretrain_patch_size {patch} must have one multiple of the network's downsampling "
                                     f"{divisor} per axis.")
+            check_bottleneck(patch, divisor)
             return patch
         if self.is_pretrain_plans_variant():
             return [int(p) for p in self.configuration_manager.patch_size]

@@ -25,8 +25,8 @@ import numpy as np
 
 from nnunet_cl.paths import NnUNetCLError, dataset_name, preprocessed_folder
 
-__all__ = ["SUFFIX", "network_divisor", "reduced_patch_size", "pretrain_configuration", "add_pretrain_configuration",
-           "write_pretrain_plans", "main_pretrain_plans"]
+__all__ = ["SUFFIX", "network_divisor", "reduced_patch_size", "check_bottleneck", "pretrain_configuration",
+           "add_pretrain_configuration", "write_pretrain_plans", "main_pretrain_plans"]
 
 SUFFIX = "_clpretrain"
 DEFAULT_BATCH = 8
@@ -53,12 +53,17 @@ def network_divisor(configuration_manager) -> list[int]:
 
 
 def reduced_patch_size(patch_size, divisor, factor: float = 0.5) -> list[int]:
-    """`factor` times the patch per axis, rounded to the nearest multiple of `divisor` (at least one multiple,
-    at most the original patch)."""
+    """`factor` times the patch per axis, rounded to the nearest multiple of `divisor`, at most the original patch.
+
+    Where the original patch has at least two multiples of `divisor` on an axis, so does the result: nnU-Net's
+    bottleneck ends in instance normalisation, which fails on a single voxel and is a bare sign on two
+    (OpenKBP's 64^3 patch with stride 32 halves to 32^3, a 1-voxel bottleneck, so it stays 64^3).
+    """
     out = []
     for p, d in zip(patch_size, divisor):
-        k = max(1, int(np.floor(p * factor / d + 0.5)))
-        out.append(int(min(int(p), k * d)) if int(p) >= d else int(p))
+        p, d = int(p), int(d)
+        k = max(2 if p >= 2 * d else 1, int(np.floor(p * factor / d + 0.5)))
+        out.append(min(p, k * d) if p >= d else p)
     return out
 
 
@@ -72,7 +77,17 @@ def _check_patch(patch, divisor, source_patch) -> list[int]:
         fix = [max(d, int(round(p / d)) * d) for p, d in zip(patch, divisor)]
         raise NnUNetCLError(f"Patch {patch} is not divisible by the network's downsampling {divisor} per axis. "
                             f"Fix: use multiples of it, e.g. --patch {' '.join(map(str, fix))}.")
+    check_bottleneck(patch, divisor)
     return patch
+
+
+def check_bottleneck(patch, divisor) -> None:
+    """Refuse a patch whose bottleneck is a single voxel: its instance normalisation fails in training."""
+    if all(int(p) // int(d) <= 1 for p, d in zip(patch, divisor)):
+        fix = [2 * int(d) for d in divisor]
+        raise NnUNetCLError(f"Patch {list(patch)} leaves one voxel at the network's bottleneck (downsampling "
+                            f"{list(divisor)}), where instance normalisation fails. Fix: at least two multiples on "
+                            f"some axis, e.g. --patch {' '.join(map(str, fix))}.")
 
 
 def pretrain_configuration(plans: dict, source: str = "3d_fullres", patch=None,
