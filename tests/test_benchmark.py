@@ -243,7 +243,8 @@ def test_finetuning_is_seeded_by_fold_so_arms_are_paired(bench, tmp_path):
            "nnUNetPlans_clBench", "-device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    name = f"Dataset950_Phantom/nnUNetTrainer_clBenchTest__nnUNetPlans_clBench__3d_fullres/fold_{fold}/checkpoint_final.pth"
+    name = (f"Dataset950_Phantom/nnUNetTrainer_clBenchTest__nnUNetPlans_clBench__3d_fullres/fold_{fold}/"
+            f"checkpoint_final.pth")
     first, again = (torch.load(root / name, map_location="cpu", weights_only=False)["network_weights"]
                     for root in (work / "nnUNet_results" / "scratch", tmp_path))
     assert first.keys() == again.keys()
