@@ -484,7 +484,7 @@ class Bench:
             self.say(f"FAILED pretraining of {arm}; its runs are left out. {e}")
             return None
         pool = re.findall(r"pool: (\d+) cases", out)  # "Pretraining pool: N cases", "SepaReg pool: N cases"
-        _save_json({"arm": arm, "trainer": trainer, "checkpoint": str(ckpt), "wall_s": round(took, 1),
+        _save_json({"arm": arm, "trainer": trainer, "checkpoint": str(ckpt), "wall_s": round(took, 1) if took else None,
                     "cpu_s": self.last_cpu if took else None,
                     "epochs_s": _epoch_seconds(ckpt), "pool_cases": int(pool[-1]) if pool else None,
                     "resumed": resumed, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, record_file)

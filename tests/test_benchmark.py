@@ -119,6 +119,10 @@ def test_table_and_plot_from_run_files(tmp_path):
     from PIL import Image
     assert Image.open(paths["png"]).size[0] >= 800
     assert write_report(tmp_path / "empty", tmp_path) is None
+    # a pretraining finished by an earlier invocation has no wall time: nnU-Net's epoch times stand in
+    (runs / "pretrain__simclr.json").write_text(json.dumps({"arm": "simclr", "wall_s": None, "epochs_s": 300.0}))
+    md = Path(write_report(runs, tmp_path)["md"]).read_text()
+    assert "| 0.100 ± 0.000 | 2.0 | 0.5 | 5.0 |" in md and "epoch times stands in" in md
 
 
 # ------------------------------------------------------------------------------------------------ end to end
