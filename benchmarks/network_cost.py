@@ -41,6 +41,10 @@ def main():
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per case after one warm-up (default 5)")
     a = p.parse_args()
+    if len(a.classes) not in (1, len(a.cases)):
+        p.error(f"--classes takes one value or one per case ({len(a.cases)}), got {len(a.classes)}")
+    if len(set(a.cases)) != len(a.cases):
+        p.error("each case once")
     nets = {}
     for i, case in enumerate(a.cases):
         plans, patch, width = (case.split(":") + [None, None])[:3]

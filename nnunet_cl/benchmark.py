@@ -211,7 +211,8 @@ class Bench:
         ext = [ext_trainer_path()] + [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
         env["nnUNet_extTrainer"] = os.pathsep.join(dict.fromkeys(ext))
         env.setdefault("nnUNet_compile", "0")
-        env.setdefault("nnUNet_n_proc_DA", "2")
+        # one augmentation worker: on 2 cores no slower, and it makes a seeded run repeat exactly (paired arms)
+        env.setdefault("nnUNet_n_proc_DA", "1")
         env.setdefault("nnUNet_def_n_proc", "1")  # nnU-Net spawns 8 export/evaluation workers by default
         env["PYTHONUNBUFFERED"] = "1"  # the log follows the commands live
         # torch's OpenMP threads spin while waiting; on a CPU shared with other jobs that halves the speed
@@ -484,7 +485,9 @@ class Bench:
             self.say(f"FAILED pretraining of {arm}; its runs are left out. {e}")
             return None
         pool = re.findall(r"pool: (\d+) cases", out)  # "Pretraining pool: N cases", "SepaReg pool: N cases"
-        _save_json({"arm": arm, "trainer": trainer, "checkpoint": str(ckpt), "wall_s": round(took, 1) if took else None,
+        # wall time only when this invocation ran all of it; otherwise the report uses nnU-Net's epoch times
+        _save_json({"arm": arm, "trainer": trainer, "checkpoint": str(ckpt),
+                    "wall_s": round(took, 1) if took and not resumed else None,
                     "cpu_s": self.last_cpu if took else None,
                     "epochs_s": _epoch_seconds(ckpt), "pool_cases": int(pool[-1]) if pool else None,
                     "resumed": resumed, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, record_file)
@@ -714,7 +717,7 @@ def main(argv=None) -> None:
     p.add_argument("--tta", action="store_true", help="predict with nnU-Net's mirroring (default off, 8x cheaper)")
     p.add_argument("--step_size", type=_step_size, default=None,
                    help="sliding-window step of nnUNetv2_predict as a fraction of the patch (nnU-Net's default 0.5; "
-                        "1 predicts 3d volumes with about 8x fewer windows)")
+                        "1: no overlap, e.g. 8 windows instead of 27 for a 128^3 volume and a 64^3 patch)")
     p.add_argument("--report_only", action="store_true", help="only rewrite the table and plot from --work/runs")
     args = p.parse_args(argv)
     try:

@@ -75,7 +75,12 @@ def aggregate(runs: list[dict]) -> tuple[list[dict], list[str], dict]:
     return rows, classes, labels
 
 
-def markdown_table(rows, classes, labels, skipped: dict | None = None) -> str:
+def prediction_settings(run: dict) -> str:
+    """How a run's test set was predicted (old run files without the fields: nnU-Net's defaults, no mirroring)."""
+    return f"step {run.get('step_size') or 0.5}, {'mirroring' if run.get('tta') else 'no mirroring'}"
+
+
+def markdown_table(rows, classes, labels, skipped: dict | None = None, predicted_with: set | None = None) -> str:
     head = ["arm", "labeled cases", "seeds"] + [f"Dice {labels.get(c, c)}" for c in classes] + \
         ["mean foreground Dice", "Δ vs scratch (paired)", "fine-tune min", "predict min", "pretrain min (once)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -93,6 +98,9 @@ def markdown_table(rows, classes, labels, skipped: dict | None = None) -> str:
                  "sum of nnU-Net's epoch times stands in for its wall time)."]
     for arm, why in sorted((skipped or {}).items()):
         notes.append(f"- skipped arm **{arm}**: {why}")
+    if predicted_with and len(predicted_with) > 1:
+        notes.append(f"- **runs were predicted with different settings** ({', '.join(sorted(predicted_with))}): "
+                     f"their Dice values are not strictly comparable")
     return "\n".join(lines + notes) + "\n"
 
 
@@ -183,8 +191,8 @@ def write_report(runs_dir, out_dir, skipped: dict | None = None, title: str = ""
     out = Path(out_dir)
     paths = {"md": out / f"results{suffix}.md", "csv": out / f"results{suffix}.csv",
              "png": out / f"dice_vs_labels{suffix}.png"}
-    paths["md"].write_text(f"{title}\n\n" + markdown_table(rows, classes, labels, skipped) if title
-                           else markdown_table(rows, classes, labels, skipped))
+    table = markdown_table(rows, classes, labels, skipped, {prediction_settings(r) for r in runs})
+    paths["md"].write_text(f"{title}\n\n{table}" if title else table)
     write_csv(rows, classes, labels, paths["csv"])
     plot(rows, paths["png"], title)
     return {k: str(v) for k, v in paths.items()}

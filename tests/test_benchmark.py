@@ -123,6 +123,20 @@ def test_table_and_plot_from_run_files(tmp_path):
     (runs / "pretrain__simclr.json").write_text(json.dumps({"arm": "simclr", "wall_s": None, "epochs_s": 300.0}))
     md = Path(write_report(runs, tmp_path)["md"]).read_text()
     assert "| 0.100 ± 0.000 | 2.0 | 0.5 | 5.0 |" in md and "epoch times stands in" in md
+    assert "different settings" not in md
+    # one run predicted with another sliding-window step: the table says so
+    (runs / "scratch__k5__seed0.json").write_text(json.dumps({**records[4], "step_size": 1.0}))
+    md = Path(write_report(runs, tmp_path)["md"]).read_text()
+    assert "runs were predicted with different settings** (step 0.5, no mirroring, step 1.0, no mirroring)" in md
+
+
+def test_augmenter_seeds_fresh_resumed_and_per_rank():
+    from nnunet_cl_trainers.benchmark import augmenter_seed
+    assert augmenter_seed(3, 1, 0) == 3100 and augmenter_seed(3, 2, 1) == 3201  # fresh run, one process
+    keys = [(a, w, e, r) for a in (1, 2) for w in range(2) for e in (0, 5) for r in (0, 1)]
+    seeds = [augmenter_seed(3, a, w, epoch=e, rank=r) for a, w, e, r in keys]
+    assert len(set(seeds)) == len(keys) and all(0 <= x < 2 ** 32 for x in seeds)  # resumes and ranks: own streams
+    assert augmenter_seed(3, 1, 0, epoch=5) == augmenter_seed(3, 1, 0, epoch=5)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -515,7 +515,7 @@ def test_cli_sam_refine_through_real_segment_anything(tmp_path, capsys):
     preds.mkdir()
     coarse = np.zeros((3, 48, 40), dtype=np.uint8)
     coarse[1, 10:20, 8:16] = 1
-    coarse[1, 30:36, 25:33] = 2  # two labels on one slice: SAM encodes it once
+    coarse[1, 30:36, 25:33] = 2  # two labels on one slice
     _write(np.random.default_rng(0).normal(size=coarse.shape).astype(np.float32), images / "ct_0000.nii.gz")
     _write(coarse, preds / "ct.nii.gz")
     out = tmp_path / "refined"
@@ -557,7 +557,7 @@ def test_cli_sam2_propagate_through_real_sam2(tmp_path, capsys):
     got = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     assert got.shape == volume.shape and got.dtype == np.uint8
     assert np.array_equal(got[1], annotated)  # the annotated slice is kept as given
-    assert set(np.unique(got)) <= {0, 1, 2}   # frames before and after it got masks of the same objects
+    assert set(np.unique(got)) <= {0, 1, 2}   # other frames hold only the annotated objects' labels
 
 
 # ------------------------------------------------------------------------ real checkpoints (opt-in)

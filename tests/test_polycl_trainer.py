@@ -221,7 +221,7 @@ def test_sizes_and_variants(make_trainer):
     with pytest.raises(NnUNetCLError, match="multiple"):
         trainer.get_pretrain_patch_size()
     trainer.pretrain_patch_size = (4, 4, 4)  # one voxel at the bottleneck (downsampling 4 per axis)
-    with pytest.raises(NnUNetCLError, match="one voxel at the network's bottleneck.*--patch 8 8 8"):
+    with pytest.raises(NnUNetCLError, match="one voxel at the network's bottleneck.*pretrain_patch_size = 8 4 4"):
         trainer.get_pretrain_patch_size()
 
 

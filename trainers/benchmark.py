@@ -66,24 +66,34 @@ SCHEDULES = {
 }
 
 
+def augmenter_seed(seed: int, augmenter: int, worker: int, epoch: int = 0, rank: int = 0) -> int:
+    """Seed of one data-augmentation worker: `seed * 1000 + 100 * augmenter + worker` for a fresh run on one
+    process; a run resumed at `epoch` or a DDP rank > 0 gets its own stream (numpy's SeedSequence), so a resume
+    does not replay epoch 0's batches and ranks do not train on the same ones."""
+    if epoch == 0 and rank == 0:
+        return seed * 1000 + 100 * augmenter + worker
+    return int(np.random.SeedSequence([seed, augmenter, worker, epoch, rank]).generate_state(1)[0])
+
+
 @contextmanager
-def seeded_augmenters(seed: int):
-    """Inside, nnU-Net's data-augmentation workers get seeds `seed * 1000 + i` instead of fresh entropy.
+def seeded_augmenters(seed: int, epoch: int = 0, rank: int = 0):
+    """Inside, nnU-Net's data-augmentation workers get seeds from `augmenter_seed` instead of fresh entropy.
 
     nnUNetTrainer.get_dataloaders builds them with `seeds=None` and starts them before returning, so the seeds can
-    only go in through the class it calls (looked up in its module at call time).
+    only go in through the class it calls (looked up in its module at call time). Yields the call counter: 2 after
+    nnU-Net's get_dataloaders (training and validation augmenters).
     """
     cls = _trainer_module.NonDetMultiThreadedAugmenter
 
     def seeded(*args, num_processes: int, seeds=None, **kwargs):
         seeded.calls += 1  # training and validation augmenters must not share a stream
         return cls(*args, num_processes=num_processes, **kwargs,
-                   seeds=[seed * 1000 + 100 * seeded.calls + i for i in range(num_processes)])
+                   seeds=[augmenter_seed(seed, seeded.calls, i, epoch, rank) for i in range(num_processes)])
 
     seeded.calls = 0
     _trainer_module.NonDetMultiThreadedAugmenter = seeded
     try:
-        yield
+        yield seeded
     finally:
         _trainer_module.NonDetMultiThreadedAugmenter = cls
 
@@ -96,7 +106,8 @@ class nnUNetTrainer_clBench(nnUNetTrainer):
       (k, seed), so all arms start from the same random decoder, see the same patches in the same order with the
       same augmentation, and differ only in the pretrained weights (paired runs: less noise between arms). With
       nnUNet_n_proc_DA = 1 (the benchmark's default) or 0 the run is repeatable on CPU; with more workers nnU-Net
-      takes batches in whichever order the workers deliver them;
+      takes batches in whichever order the workers deliver them. A run resumed with --c continues on a stream
+      of its own (`augmenter_seed`): it is paired with another run only up to the epoch where it resumed;
     - no final validation (nnU-Net predicting every validation case with test-time mirroring after training).
       The benchmark scores the held-out test set itself, and on a 2-core CPU that validation costs minutes per
       run; it never changes the model. `final_validation = True` brings it back.
@@ -115,7 +126,9 @@ class nnUNetTrainer_clBench(nnUNetTrainer):
 
     @property
     def seed(self) -> int:
-        return int(self.fold if self.training_seed is None else self.training_seed)
+        if self.training_seed is not None:
+            return int(self.training_seed)
+        return int(self.fold) if str(self.fold).isdigit() else 0  # fold 'all': seed 0
 
     def initialize(self):
         if not self.was_initialized:  # the network's random initialisation (decoder, and encoder without weights)
@@ -132,8 +145,12 @@ class nnUNetTrainer_clBench(nnUNetTrainer):
             np.random.seed(self.seed)
             torch.manual_seed(self.seed)
             return super().get_dataloaders()
-        with seeded_augmenters(self.seed):
-            return super().get_dataloaders()
+        with seeded_augmenters(self.seed, self.current_epoch, self.local_rank) as seeded:
+            loaders = super().get_dataloaders()
+        if seeded.calls != 2:  # nnU-Net built its augmenters some other way: say so rather than pretend
+            self.print_to_log_file(f"WARNING: {seeded.calls} of nnU-Net's 2 data-augmentation pipelines were seeded; "
+                                   f"this run is not paired with the other arms")
+        return loaders
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if self.final_validation:

@@ -84,11 +84,13 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
             if len(patch) != len(divisor) or any(p <= 0 or p % d for p, d in zip(patch, divisor)):
                 raise NnUNetCLError(f"pretrain_patch_size {patch} must have one multiple of the network's downsampling "
                                     f"{divisor} per axis.")
-            check_bottleneck(patch, divisor)
-            return patch
-        if self.is_pretrain_plans_variant():
-            return [int(p) for p in self.configuration_manager.patch_size]
-        return reduced_patch_size(self.configuration_manager.patch_size, divisor)
+            check_bottleneck(patch, divisor, "pretrain_patch_size =")
+        elif self.is_pretrain_plans_variant():
+            patch = [int(p) for p in self.configuration_manager.patch_size]
+            check_bottleneck(patch, divisor, "nnUNetv2_cl_pretrain_plans --patch")
+        else:
+            patch = reduced_patch_size(self.configuration_manager.patch_size, divisor)
+        return patch
 
     def get_pretrain_batch_size(self) -> int:
         n = self.pretrain_batch_size or max(MIN_PATCHES_PER_STEP, int(self.configuration_manager.batch_size))

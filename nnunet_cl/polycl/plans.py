@@ -56,8 +56,9 @@ def reduced_patch_size(patch_size, divisor, factor: float = 0.5) -> list[int]:
     """`factor` times the patch per axis, rounded to the nearest multiple of `divisor`, at most the original patch.
 
     Where the original patch has at least two multiples of `divisor` on an axis, so does the result: nnU-Net's
-    bottleneck ends in instance normalisation, which fails on a single voxel and is a bare sign on two
-    (OpenKBP's 64^3 patch with stride 32 halves to 32^3, a 1-voxel bottleneck, so it stays 64^3).
+    bottleneck ends in instance normalisation, which fails on a single voxel, and the embedding pools that
+    bottleneck, so it keeps at least 2 voxels per axis (SepaReg's feature stage follows the same rule).
+    OpenKBP's 64^3 patch with stride 32 would halve to 32^3, a 1-voxel bottleneck, so it stays 64^3.
     """
     out = []
     for p, d in zip(patch_size, divisor):
@@ -81,13 +82,16 @@ def _check_patch(patch, divisor, source_patch) -> list[int]:
     return patch
 
 
-def check_bottleneck(patch, divisor) -> None:
-    """Refuse a patch whose bottleneck is a single voxel: its instance normalisation fails in training."""
+def check_bottleneck(patch, divisor, what: str = "--patch") -> None:
+    """Refuse a patch whose bottleneck is a single voxel: its instance normalisation fails in training.
+
+    what: how the user set the patch, named in the fix (a CLI option or a trainer attribute).
+    """
     if all(int(p) // int(d) <= 1 for p, d in zip(patch, divisor)):
-        fix = [2 * int(d) for d in divisor]
+        fix = [2 * int(divisor[0])] + [int(d) for d in list(divisor)[1:]]
         raise NnUNetCLError(f"Patch {list(patch)} leaves one voxel at the network's bottleneck (downsampling "
-                            f"{list(divisor)}), where instance normalisation fails. Fix: at least two multiples on "
-                            f"some axis, e.g. --patch {' '.join(map(str, fix))}.")
+                            f"{list(divisor)}), where instance normalisation fails. Fix: two multiples on at least "
+                            f"one axis, e.g. {what} {' '.join(map(str, fix))}.")
 
 
 def pretrain_configuration(plans: dict, source: str = "3d_fullres", patch=None,
