@@ -66,6 +66,13 @@ SCHEDULES = {
 }
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global RNGs in this process."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def augmenter_seed(seed: int, augmenter: int, worker: int, epoch: int = 0, rank: int = 0) -> int:
     """Seed of one data-augmentation worker: `seed * 1000 + 100 * augmenter + worker` for a fresh run on one
     process; a run resumed at `epoch` or a DDP rank > 0 gets its own stream (numpy's SeedSequence), so a resume
@@ -132,18 +139,14 @@ class nnUNetTrainer_clBench(nnUNetTrainer):
 
     def initialize(self):
         if not self.was_initialized:  # the network's random initialisation (decoder, and encoder without weights)
-            random.seed(self.seed)
-            np.random.seed(self.seed)
-            torch.manual_seed(self.seed)
+            seed_everything(self.seed)
             self.print_to_log_file(f"{type(self).__name__}: training seed {self.seed} (network initialisation and "
                                    f"data augmentation), the same for every arm of this fold")
         super().initialize()
 
     def get_dataloaders(self):
-        if get_allowed_n_proc_DA() == 0:  # augmentation in this process: its RNGs are the ones seeded above
-            random.seed(self.seed)
-            np.random.seed(self.seed)
-            torch.manual_seed(self.seed)
+        if get_allowed_n_proc_DA() == 0:  # augmentation in this process: seed its RNGs again, past the init
+            seed_everything(self.seed)
             return super().get_dataloaders()
         with seeded_augmenters(self.seed, self.current_epoch, self.local_rank) as seeded:
             loaders = super().get_dataloaders()
