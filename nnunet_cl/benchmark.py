@@ -315,6 +315,8 @@ class Bench:
             if not (source / "dataset.json").is_file() and not a.dataset_json:
                 raise BenchmarkError(f"{source} has no dataset.json: give an MSD task folder or an nnU-Net raw "
                                      f"dataset folder (imagesTr, {a.labels_folder}, dataset.json).")
+            if a.plan_network and not a.patch:
+                raise BenchmarkError("--plan_network plans the network for a patch. Fix: give --patch too.")
             dj_file = Path(a.dataset_json).resolve() if a.dataset_json else source / "dataset.json"
             name = a.name or re.sub(r"[^A-Za-z0-9]", "", str(json.loads(dj_file.read_text()).get("name", ""))) \
                 or re.sub(r"[^A-Za-z0-9]", "", source.name) or "Bench"
@@ -322,7 +324,9 @@ class Bench:
                         "dataset_id": int(a.dataset_id), "name": name, "n_test": int(a.n_test),
                         "n_val": int(a.n_val), "split_seed": int(a.split_seed),
                         "plans_variant": {k: v for k, v in (("patch", a.patch), ("batch_size", a.batch_size),
-                                                            ("width", a.width)) if v is not None} or None}
+                                                            ("width", a.width),
+                                                            ("topology", "planned" if a.plan_network else None))
+                                           if v is not None} or None}
             if old:
                 changed = [k for k in FIXED_SETTINGS if old.get(k) != settings.get(k)]
                 if changed:
@@ -584,18 +588,23 @@ class Bench:
 # helpers
 
 def write_bench_plans(pre_dataset: Path, patch: list[int] | None = None, batch_size: int | None = None,
-                      width: int | None = None) -> dict:
+                      width: int | None = None, topology: str | None = None) -> dict:
     """nnUNetPlans_clBench.json: nnUNetPlans with a smaller 3d_fullres training, same preprocessed data.
 
-    patch: patch size, divisible by the network's total stride on every axis; batch_size: samples per step;
-    width: features of the first stage, every stage scaled alike (nnU-Net's 32 -> 16 halves them all). The
-    network stays nnU-Net's PlainConvUNet with the same stages; every arm trains and predicts with these plans.
-    Returns the new 3d_fullres configuration.
+    patch: patch size; batch_size: samples per step; width: features of the first stage, every stage scaled
+    alike (nnU-Net's 32 -> 16 halves them all). topology "planned": the network's stages, strides and kernels
+    are planned for `patch` by nnU-Net's own rule (as its planner would for that patch); None: the plans'
+    stages are kept and the patch must be a multiple of their total stride. Either way the network is nnU-Net's
+    PlainConvUNet, and every arm trains and predicts with these plans. Returns the new 3d_fullres configuration.
     """
+    if topology not in (None, "planned"):
+        raise BenchmarkError(f"unknown topology {topology!r}: 'planned' or none")
     plans = json.loads((pre_dataset / f"{BASE_PLANS}.json").read_text())
     cfg = plans["configurations"][CONFIG]
     arch = cfg["architecture"]["arch_kwargs"]
     if patch is not None:
+        if topology == "planned":
+            plan_topology(cfg, [int(p) for p in patch])
         strides = np.prod(np.array(arch["strides"]), axis=0)
         if len(patch) != len(strides) or any(p < 1 or p % s for p, s in zip(patch, strides)):
             raise BenchmarkError(f"--patch {patch} must have {len(strides)} sizes, each a multiple of the network's "
@@ -613,6 +622,28 @@ def write_bench_plans(pre_dataset: Path, patch: list[int] | None = None, batch_s
     plans["plans_name"] = BENCH_PLANS
     _save_json(plans, pre_dataset / f"{BENCH_PLANS}.json")
     return cfg
+
+
+def plan_topology(cfg: dict, patch: list[int]) -> None:
+    """Re-plan cfg's PlainConvUNet stages for `patch` in place, as nnU-Net's ExperimentPlanner does.
+
+    A smaller patch through the plans' deep network leaves a 1-2 voxel bottleneck; nnU-Net itself would pool
+    only while feature maps keep at least 4 voxels per axis (get_pool_and_conv_props), so a 32x64x32 patch
+    gets 4 stages, not 6. Features double per stage from the first up to the plans' largest, as the planner's.
+    """
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+    arch = cfg["architecture"]["arch_kwargs"]
+    _, strides, kernels, fitted, _ = get_pool_and_conv_props(cfg["spacing"], patch, 4, 999999)
+    if [int(p) for p in fitted] != list(patch):
+        raise BenchmarkError(f"--patch {patch}: nnU-Net's planner would make it {[int(p) for p in fitted]} "
+                             f"(each axis a multiple of its pooling). Fix: pass that patch.")
+    n = len(strides)
+    first, top = arch["features_per_stage"][0], max(arch["features_per_stage"])
+    blocks, blocks_dec = arch["n_conv_per_stage"], arch["n_conv_per_stage_decoder"]
+    arch.update(n_stages=n, strides=[list(s) for s in strides], kernel_sizes=[list(k) for k in kernels],
+                features_per_stage=[min(top, first * 2 ** i) for i in range(n)],
+                n_conv_per_stage=[blocks[min(i, len(blocks) - 1)] for i in range(n)],
+                n_conv_per_stage_decoder=[blocks_dec[min(i, len(blocks_dec) - 1)] for i in range(n - 1)])
 
 
 def _epoch_seconds(checkpoint: Path) -> float | None:
@@ -706,6 +737,9 @@ def main(argv=None) -> None:
                    help=f"only the first --k and the first --seeds, with the short schedule {QUICK_SCHEDULE}")
     p.add_argument("--patch", type=int, nargs=3, default=None,
                    help="3d_fullres patch size for every arm (plans variant nnUNetPlans_clBench, same data)")
+    p.add_argument("--plan_network", action="store_true",
+                   help="with --patch: plan the network's stages for that patch as nnU-Net's planner would (e.g. 4 "
+                        "stages for 32x64x32), instead of keeping the plans' stages")
     p.add_argument("--batch_size", type=int, default=None, help="fine-tuning batch size for every arm (plans variant)")
     p.add_argument("--width", type=int, default=None,
                    help="features of the network's first stage, all stages scaled alike, for every arm (plans variant)")

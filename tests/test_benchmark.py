@@ -80,6 +80,48 @@ def test_step_size_must_be_a_fraction_of_the_patch():
             _step_size(bad)
 
 
+def _plans_with_deep_network(folder: Path) -> Path:
+    """A 6-stage nnUNetPlans.json as nnU-Net plans a 128^3 CT (OpenKBP's), written by hand."""
+    arch = {"n_stages": 6, "features_per_stage": [32, 64, 128, 256, 320, 320],
+            "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": [[3, 3, 3]] * 6,
+            "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5, "n_conv_per_stage": [2] * 6,
+            "n_conv_per_stage_decoder": [2] * 5, "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True}}
+    cfg = {"patch_size": [128, 128, 128], "batch_size": 2, "spacing": [3.9, 2.5, 3.9],
+           "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                            "arch_kwargs": arch, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}
+    (folder / "nnUNetPlans.json").write_text(json.dumps({"plans_name": "nnUNetPlans",
+                                                          "configurations": {"3d_fullres": cfg}}))
+    return folder
+
+
+def test_bench_plans_keep_or_replan_the_network_for_the_patch(tmp_path):
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunet_cl.benchmark import write_bench_plans
+    pre = _plans_with_deep_network(tmp_path)
+    kept = write_bench_plans(pre, [64, 64, 64], 2, 16)  # the plans' 6 stages: total stride 32, a 2^3 bottleneck
+    assert kept["architecture"]["arch_kwargs"]["n_stages"] == 6
+    assert kept["architecture"]["arch_kwargs"]["features_per_stage"] == [16, 32, 64, 128, 160, 160]
+    with pytest.raises(BenchmarkError, match="multiple of the network's total stride"):
+        write_bench_plans(pre, [48, 64, 48])
+    # planned: the stages nnU-Net's planner gives a 32x64x32 patch (feature maps of at least 4 voxels)
+    cfg = write_bench_plans(pre, [32, 64, 32], 2, 16, "planned")
+    arch = cfg["architecture"]["arch_kwargs"]
+    assert arch["n_stages"] == 4 and arch["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 3
+    assert arch["features_per_stage"] == [16, 32, 64, 128]
+    assert len(arch["n_conv_per_stage"]) == 4 and len(arch["n_conv_per_stage_decoder"]) == 3
+    assert json.loads((pre / "nnUNetPlans_clBench.json").read_text())["configurations"]["3d_fullres"] == cfg
+    net = get_network_from_plans(cfg["architecture"]["network_class_name"], arch,
+                                 cfg["architecture"]["_kw_requires_import"], 1, 8, deep_supervision=True)
+    out = net(torch.zeros(1, 1, 32, 64, 32))
+    assert [tuple(o.shape[2:]) for o in out] == [(32, 64, 32), (16, 32, 16), (8, 16, 8)]
+    with pytest.raises(BenchmarkError, match="planner would make it"):
+        write_bench_plans(pre, [30, 64, 32], topology="planned")
+
+
 def test_arms_are_data_driven():
     assert parse_arms(["scratch", "simclr", "ceiling"]) == [
         ("scratch", None), ("simclr", "nnUNetTrainerSimCLRPretrain"), ("ceiling", None)]
