@@ -43,6 +43,7 @@ SCRATCH, CEILING = "scratch", "ceiling"
 KNOWN_ARMS = {SCRATCH: None, "simclr": "nnUNetTrainerSimCLRPretrain", "separeg": "nnUNetTrainerSepaRegPretrain",
               "polycl": "nnUNetTrainerPolyCLPretrain", CEILING: None}
 DEFAULT_ARMS = list(KNOWN_ARMS)
+QUICK_ARMS = [a for a in DEFAULT_ARMS if a != CEILING]  # --quick is a first look at one k: no all-labels run
 PRETRAIN_KEY, PRETRAIN_FOLD = "pretrain", 0
 STATE_FILE, FOLDS_FILE, LOG_FILE, LOCK_FILE = "benchmark.json", "benchmark_folds.json", "benchmark_log.txt", ".lock"
 # settings that define the dataset and its splits: a rerun in the same --work must not change them
@@ -257,7 +258,7 @@ class Bench:
                 return self.report(final=True)
             self.settings = self.resolve_settings()
             self.say(f"nnUNetv2_cl_benchmark in {self.work} (all command output: {self.log})")
-            arms = parse_arms(a.arms)
+            arms = parse_arms(a.arms or (QUICK_ARMS if a.quick else DEFAULT_ARMS))
             self.check_trainers(arms)  # before any long step: a missing fine-tuning trainer stops here
             self.prepare_dataset()
             self.preprocess()
@@ -265,18 +266,8 @@ class Bench:
             folds = self.write_splits()
             ks = [a.k[0]] if a.quick else a.k
             seeds = [a.seeds[0]] if a.quick else a.seeds
-            wanted = [f for f in folds if f["kind"] != PRETRAIN_KEY and f["seed"] in seeds
-                      and (f["kind"] == CEILING or f["k"] in ks)]
             ceiling_seeds = seeds[:max(a.ceiling_seeds, 1)]
-            plan = []  # (arm, pretrainer, fold), seed-major so a stopped run leaves whole seeds behind
-            for seed in seeds:
-                for fold in [f for f in wanted if f["seed"] == seed]:
-                    for arm, pre in arms:
-                        if fold["kind"] == CEILING:
-                            if arm == CEILING and seed in ceiling_seeds:
-                                plan.append((arm, pre, fold))
-                        elif arm != CEILING:
-                            plan.append((arm, pre, fold))
+            plan = plan_runs(folds, arms, ks, seeds, ceiling_seeds)
             skipped = self.state["skipped"]
             done = [p for p in plan if (self.runs / f"{run_id(p[0], p[2])}.json").is_file()]
             todo = [p for p in plan if p not in done and p[0] not in skipped]
@@ -587,6 +578,27 @@ class Bench:
 # ------------------------------------------------------------------------------------------------------------
 # helpers
 
+def plan_runs(folds: list[dict], arms: list[tuple[str, str | None]], ks: list[int], seeds: list[int],
+              ceiling_seeds: list[int]) -> list[tuple[str, str | None, dict]]:
+    """(arm, pretrainer, fold) to run, seed-major so that a stopped benchmark leaves whole seeds behind.
+
+    Every arm but the ceiling runs on each fine-tuning fold of the wanted k and seeds; the ceiling runs on its
+    all-labels fold for the seeds in ceiling_seeds, if it is among the arms.
+    """
+    wanted = [f for f in folds if f["kind"] != PRETRAIN_KEY and f["seed"] in seeds
+              and (f["kind"] == CEILING or f["k"] in ks)]
+    plan = []
+    for seed in seeds:
+        for fold in [f for f in wanted if f["seed"] == seed]:
+            for arm, pre in arms:
+                if fold["kind"] == CEILING:
+                    if arm == CEILING and seed in ceiling_seeds:
+                        plan.append((arm, pre, fold))
+                elif arm != CEILING:
+                    plan.append((arm, pre, fold))
+    return plan
+
+
 def write_bench_plans(pre_dataset: Path, patch: list[int] | None = None, batch_size: int | None = None,
                       width: int | None = None, topology: str | None = None) -> dict:
     """nnUNetPlans_clBench.json: nnUNetPlans with a smaller 3d_fullres training, same preprocessed data.
@@ -725,8 +737,9 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, nargs="+", default=[2, 5, 10], help="labeled cases per run (default 2 5 10)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="draws of the k cases (default 0: one seed fits 3 h; add seeds later, e.g. 0 1 2)")
-    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS,
-                   help=f"default: {' '.join(DEFAULT_ARMS)}; NAME=nnUNetTrainerXPretrain adds a method of yours")
+    p.add_argument("--arms", nargs="+", default=None,
+                   help=f"default: {' '.join(DEFAULT_ARMS)} ({' '.join(QUICK_ARMS)} with --quick); "
+                        f"NAME=nnUNetTrainerXPretrain adds a method of yours")
     p.add_argument("--n_test", type=int, default=50, help="held-out test cases (default 50)")
     p.add_argument("--n_val", type=int, default=10, help="fixed validation cases (default 10)")
     p.add_argument("--split_seed", type=int, default=12345, help="seed of the test/validation draw (default 12345)")
@@ -734,7 +747,8 @@ def main(argv=None) -> None:
     p.add_argument("--labels_folder", default="labelsTr", help="label folder of SOURCE (default labelsTr)")
     p.add_argument("--dataset_json", default=None, help="dataset.json to use (default SOURCE/dataset.json)")
     p.add_argument("--quick", action="store_true",
-                   help=f"only the first --k and the first --seeds, with the short schedule {QUICK_SCHEDULE}")
+                   help=f"only the first --k and the first --seeds, no ceiling unless --arms names it, with the short "
+                        f"schedule {QUICK_SCHEDULE}")
     p.add_argument("--patch", type=int, nargs=3, default=None,
                    help="3d_fullres patch size for every arm (plans variant nnUNetPlans_clBench, same data)")
     p.add_argument("--plan_network", action="store_true",

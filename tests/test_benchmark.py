@@ -71,6 +71,21 @@ def test_folds_grow_without_moving_old_ones():
         build_folds(s["train"], s["val"], [50], [0])
 
 
+def test_run_plan_seed_major_and_quick_leaves_out_the_ceiling():
+    from nnunet_cl.benchmark import DEFAULT_ARMS, QUICK_ARMS, plan_runs
+    s = split_cases(CASES, 6, 4, 0)
+    folds = build_folds(s["train"], s["val"], ks=[2, 5], seeds=[0, 1])
+    arms = parse_arms(DEFAULT_ARMS)
+    plan = plan_runs(folds, arms, [2, 5], [0, 1], [0])
+    assert len(plan) == 2 * 2 * (len(arms) - 1) + 1  # every method on each (k, seed); one ceiling
+    assert [p[2]["seed"] for p in plan] == sorted(p[2]["seed"] for p in plan)  # whole seeds first
+    assert [(a, f["kind"], f["seed"]) for a, _, f in plan if a == "ceiling"] == [("ceiling", "ceiling", 0)]
+    assert all(f["kind"] == "k" for a, _, f in plan if a != "ceiling")
+    quick = plan_runs(folds, parse_arms(QUICK_ARMS), [2], [0], [0])  # what --quick runs by default
+    assert {a for a, _, _ in quick} == set(DEFAULT_ARMS) - {"ceiling"}
+    assert {(f["k"], f["seed"]) for _, _, f in quick} == {(2, 0)}
+
+
 def test_step_size_must_be_a_fraction_of_the_patch():
     import argparse
     from nnunet_cl.benchmark import _step_size

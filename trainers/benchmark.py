@@ -48,19 +48,21 @@ SCHEDULES = {
         "pretrain_iterations": 10,
         "pretrain": {
             "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 6, "pretrain_batch_size": 8},
-            "nnUNetTrainerSepaRegPretrain": {"region_epochs": 1, "k": 4, "expert_epochs": 1, "distill_epochs": 1},
+            # k = 2: 4 epochs instead of 6, since separation and k-means add a fixed cost the others do not have
+            "nnUNetTrainerSepaRegPretrain": {"region_epochs": 1, "k": 2, "expert_epochs": 1, "distill_epochs": 1},
             "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 6},
         },
     },
-    # OpenKBP-sized CT (docs/benchmarks.md "OpenKBP"): patch 64^3 at width 16 costs about 5x a Hippocampus step
+    # OpenKBP-sized CT (docs/benchmarks.md "OpenKBP"): patch 32x64x32 with a 4-stage network (--plan_network)
     "clBenchCT": {
-        # 2000 steps: with 500 (the first version) scratch nnU-Net at k = 5 predicted background for all 7 organs
-        "finetune": (80, 25, 2),
-        "pretrain_iterations": 20,
+        # 4000 steps: with 2000 scratch nnU-Net at k = 5 still predicted background for all 7 organs (its training
+        # loss began to fall at about step 1300, while the poly learning rate was already down to 0.4 of its start)
+        "finetune": (160, 25, 2),
+        "pretrain_iterations": 25,
         "pretrain": {
-            "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 6, "pretrain_batch_size": 4},
-            "nnUNetTrainerSepaRegPretrain": {"region_epochs": 1, "k": 4, "expert_epochs": 1, "distill_epochs": 1},
-            "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 6},
+            "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 8, "pretrain_batch_size": 8},
+            "nnUNetTrainerSepaRegPretrain": {"region_epochs": 2, "k": 4, "expert_epochs": 1, "distill_epochs": 2},
+            "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 8},
         },
     },
 }
