@@ -86,6 +86,24 @@ def test_run_plan_seed_major_and_quick_leaves_out_the_ceiling():
     assert {(f["k"], f["seed"]) for _, _, f in quick} == {(2, 0)}
 
 
+def test_ct_schedule_fine_tunes_without_dice_smoothing():
+    import torch
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import nnUNetTrainerDiceCELoss_noSmooth
+    from nnunet_cl_trainers.benchmark import nnUNetTrainer_clBenchCT
+    assert nnUNetTrainer_clBenchCT._build_loss is nnUNetTrainerDiceCELoss_noSmooth._build_loss
+    # why: a small patch holds few of the organs; with smoothing, predicting no organ anywhere scores Dice ~1 on
+    # every absent one, which is the minimum the first OpenKBP runs found
+    y = torch.zeros(1, 1, 8, 8, 8)
+    y[..., :3, :3, :3] = 1  # organ 1 present, organs 2 and 3 absent
+    no_organ = torch.full((1, 4, 8, 8, 8), -30.0)
+    no_organ[:, 0] = 30.0
+    dice = {smooth: -float(MemoryEfficientSoftDiceLoss(lambda x: torch.softmax(x, 1), batch_dice=False, do_bg=False,
+                                                      smooth=smooth)(no_organ, y)) for smooth in (1e-5, 0.0)}
+    assert dice[1e-5] > 0.6  # 2 of 3 classes "perfect" for predicting nothing
+    assert dice[0.0] < 1e-3
+
+
 def test_step_size_must_be_a_fraction_of_the_patch():
     import argparse
     from nnunet_cl.benchmark import _step_size

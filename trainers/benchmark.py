@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as _trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import nnUNetTrainerDiceCELoss_noSmooth
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLRPretrain
@@ -170,8 +171,14 @@ class nnUNetTrainer_clBenchQuick(nnUNetTrainer_clBench):
     schedule = "clBenchQuick"
 
 
-class nnUNetTrainer_clBenchCT(nnUNetTrainer_clBench):
-    """The fine-tuning schedule of `nnUNetv2_cl_benchmark --schedule clBenchCT` (OpenKBP-sized CT)."""
+class nnUNetTrainer_clBenchCT(nnUNetTrainer_clBench, nnUNetTrainerDiceCELoss_noSmooth):
+    """The fine-tuning schedule of `nnUNetv2_cl_benchmark --schedule clBenchCT` (OpenKBP-sized CT).
+
+    Its loss is nnU-Net's own Dice + CE without smoothing (`nnUNetTrainerDiceCELoss_noSmooth`). With the
+    default smooth of 1e-5, per-sample Dice and small patches that hold 1-3 of 7 organs, every absent class
+    scores Dice ~1 once its predicted volume is ~0, so the network learned to predict no organ anywhere
+    (docs/benchmarks.md "OpenKBP"). Without smoothing an absent class scores 0 whatever is predicted.
+    """
 
     schedule = "clBenchCT"
 
