@@ -56,8 +56,7 @@ SCHEDULES = {
     },
     # OpenKBP-sized CT (docs/benchmarks.md "OpenKBP"): patch 32x64x32 with a 4-stage network (--plan_network)
     "clBenchCT": {
-        # 4000 steps: with 2000 scratch nnU-Net at k = 5 still predicted background for all 7 organs (its training
-        # loss began to fall at about step 1300, while the poly learning rate was already down to 0.4 of its start)
+        # 4000 steps (with the noSmooth loss below, scratch at k = 5 leaves background only near the end of them)
         "finetune": (160, 25, 2),
         "pretrain_iterations": 25,
         "pretrain": {
