@@ -430,27 +430,22 @@ class Bench:
         names = [f"nnUNetTrainer{suffix}"] + [f"{p}{suffix}" for _, p in arms if p]
         code = ("import json, os, sys\n"
                 "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
-                "suffix, out = sys.argv[1], {}\n"
-                "for n in sys.argv[2:]:\n"
+                "out = {}\n"
+                "for n in sys.argv[1:]:\n"
                 "    try:\n"
                 "        find(n); out[n] = None\n"
-                "    except Exception as e:\n"
-                "        why = 'nnU-Net finds no trainer of this name (nnUNet_extTrainer=%s)' % "
-                "os.environ.get('nnUNet_extTrainer')\n"
-                "        try:  # a method still being written: say why its class is missing\n"
-                "            from nnunet_cl_trainers.benchmark import UNAVAILABLE\n"
-                "            why = UNAVAILABLE.get(n[:-len(suffix)], why)\n"
-                "        except Exception:\n"
-                "            pass\n"
-                "        out[n] = why\n"
+                "    except Exception as e:  # an import error in a trainer module lands here too: keep its text\n"
+                "        out[n] = '%s: %s (nnUNet_extTrainer=%s)' % (type(e).__name__, ' '.join(str(e).split())[:300], "
+                "os.environ.get('nnUNet_extTrainer'))\n"
                 "print('@@TRAINERS ' + json.dumps(out))\n")
-        _, out = self.run([sys.executable, "-c", code, suffix, *names], self.env(), "look up trainers",
+        _, out = self.run([sys.executable, "-c", code, *names], self.env(), "look up trainers",
                           show=f"recursive_find_trainer_class_by_name {' '.join(names)}")
         found = json.loads(out.split("@@TRAINERS ", 1)[1].splitlines()[0])
         if found[names[0]] is not None:
-            raise BenchmarkError(f"the fine-tuning trainer {names[0]} is not found: {found[names[0]]}. Fix: add "
-                                 f"'from nnunet_cl_trainers.benchmark import *' to trainers/__init__.py, or point "
-                                 f"nnUNet_extTrainer at a folder defining it.")
+            raise BenchmarkError(f"the fine-tuning trainer {names[0]} is not found: {found[names[0]]}. Fix: if the "
+                                 f"text names an import error, mend that module (`python -c 'import "
+                                 f"nnunet_cl_trainers'` shows it); for a schedule of your own, define "
+                                 f"{names[0]} in a module of trainers/ and import it in trainers/__init__.py.")
         skipped = {}
         for arm, pre in arms:
             if pre and found[f"{pre}{suffix}"] is not None:

@@ -10,8 +10,11 @@ from nnunet_cl.paths import NnUNetCLError, preprocessed_folder
 
 
 def stock_network(plans: dict, dataset_json: dict, configuration: str) -> torch.nn.Module:
-    """The network plain nnU-Net builds (and predicts with) for these plans, deep supervision off."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    """The network plain nnU-Net builds (and predicts with) for these plans, deep supervision off.
+
+    The same call as nnUNetTrainer.build_network_architecture in nnU-Net 2.8.1, without importing the trainer.
+    """
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -22,7 +25,9 @@ def stock_network(plans: dict, dataset_json: dict, configuration: str) -> torch.
     cm = pm.get_configuration(configuration)
     n_in = determine_num_input_channels(pm, cm, dataset_json)
     n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-    return nnUNetTrainer.build_network_architecture(pm, cm, n_in, n_out, enable_deep_supervision=False)
+    return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                  cm.network_arch_init_kwargs_req_import, n_in, n_out, allow_init=True,
+                                  deep_supervision=False)
 
 
 def weight_mismatches(expected: dict, found: dict, skip_seg_layers: bool = True) -> list[str]:

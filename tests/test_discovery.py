@@ -107,3 +107,35 @@ def test_trainers_import_with_optional_extras_missing():
     proc = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True,
         encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, in its code and in code it hands to `python -c` as a string."""
+    def walk(source: str) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "import " in node.value:
+                try:
+                    found |= walk(node.value)
+                except SyntaxError:  # prose that mentions "import", not code
+                    pass
+        return found
+    return walk(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "nnunet_cl").rglob("*.py")), ids=lambda p: p.name)
+def test_library_never_imports_trainers(path):
+    """Dependencies flow one way: trainers/ uses nnunet_cl/, and nnunet_cl/ knows nothing of any trainer."""
+    bad = {m for m in _imported_modules(path)
+           if m.startswith("nnunet_cl_trainers") or m.startswith("nnunetv2.training.nnUNetTrainer")}
+    assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+def test_layering_check_sees_imports_in_code_strings(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text('code = "import json\\nfrom nnunet_cl_trainers.benchmark import X\\n"\n')
+    assert "nnunet_cl_trainers.benchmark" in _imported_modules(probe)

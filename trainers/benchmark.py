@@ -9,11 +9,7 @@ and `clBenchCT` (OpenKBP-sized CT).
 - `nnUNetTrainer<Method>Pretrain_clBench` pretrains on the pool only (`finetune_epochs = 0`); its
   `checkpoint_final.pth` is what the fine-tuning runs load. Every method gets the same number of steps.
 
-Methods written in other modules (SepaReg, PolyCL) get their schedule classes only when their module imports and
-has the class: nnU-Net imports every trainer module when it looks one up, so a missing or broken method must
-never break this module. Why a class is missing is kept in `UNAVAILABLE` (the benchmark reports it).
 """
-import importlib
 import random
 from contextlib import contextmanager
 
@@ -24,6 +20,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import nnUNetTrainerDiceCELoss_noSmooth
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
+from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCLPretrain
+from nnunet_cl_trainers.separeg import nnUNetTrainerSepaRegPretrain
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLRPretrain
 
 # Sized for a 2-core CPU on MSD Hippocampus with the benchmark's plans variant (patch 40x56x40, batch 2, features
@@ -216,22 +214,8 @@ def _define(base: type) -> None:
         globals()[cls.__name__] = cls
 
 
-_define(nnUNetTrainerSimCLRPretrain)
-
-# {pretraining trainer: why it (and so its schedule classes) does not exist}, for methods not there (yet)
-UNAVAILABLE: dict[str, str] = {}
-OPTIONAL_METHODS = (("nnunet_cl_trainers.separeg", "nnUNetTrainerSepaRegPretrain"),
-                    ("nnunet_cl_trainers.polycl", "nnUNetTrainerPolyCLPretrain"))
-
-for _module, _base in OPTIONAL_METHODS:
-    try:
-        _define(getattr(importlib.import_module(_module), _base))
-    except Exception as _e:  # noqa: BLE001 - whatever breaks a method's module must not break the lookup
-        _why = " ".join(str(_e).split())[:300]
-        UNAVAILABLE[_base] = (f"{_module} is not there yet" if isinstance(_e, ModuleNotFoundError)
-                              and _e.name == _module else
-                              f"{_module} has no class {_base}" if isinstance(_e, AttributeError) else
-                              f"importing {_module} failed: {type(_e).__name__}: {_why}")
+for _base in (nnUNetTrainerSimCLRPretrain, nnUNetTrainerSepaRegPretrain, nnUNetTrainerPolyCLPretrain):
+    _define(_base)
 
 # only the classes defined here: re-exporting nnUNetTrainer itself would confuse nnU-Net's name checks
 __all__ = sorted(n for n, o in list(globals().items())
