@@ -62,7 +62,9 @@ def split_cases(cases: list[str], n_test: int, n_val: int, seed: int) -> dict:
     """Seeded partition of the labeled cases: {'test', 'val', 'train'} (train = every case not test or val)."""
     cases = sorted(cases)
     if len(set(cases)) != len(cases):
-        raise BenchmarkError("duplicate case identifiers in the source")
+        twice = sorted({c for c in cases if cases.count(c) > 1})
+        raise BenchmarkError(f"case identifiers appear more than once in the source: {', '.join(twice[:10])}. Fix: "
+                             f"give every image and label file a unique case name.")
     if n_test < 1 or n_val < 1:
         raise BenchmarkError(f"--n_test and --n_val must be at least 1 (got {n_test}, {n_val})")
     if n_test + n_val + 1 > len(cases):
@@ -139,7 +141,8 @@ def parse_arms(names: list[str]) -> list[tuple[str, str | None]]:
             raise BenchmarkError(f"arm name {name!r}: use letters, digits, _ and - only")
         if trainer:
             if name in (SCRATCH, CEILING):
-                raise BenchmarkError(f"{name} has no pretraining trainer")
+                raise BenchmarkError(f"{name} has no pretraining trainer: write '{name}' alone, or give your own "
+                                     f"method another name (e.g. mine={trainer})")
             arms.append((name, trainer))
         elif name in KNOWN_ARMS:
             arms.append((name, KNOWN_ARMS[name]))
@@ -147,7 +150,8 @@ def parse_arms(names: list[str]) -> list[tuple[str, str | None]]:
             raise BenchmarkError(f"unknown arm {name!r}. Known: {', '.join(KNOWN_ARMS)}; or give your own as "
                                  f"NAME=nnUNetTrainerXPretrain (its schedule class NAME_<schedule> must exist).")
     if len({a for a, _ in arms}) != len(arms):
-        raise BenchmarkError("an arm is listed twice")
+        twice = sorted({a for a, _ in arms if [x for x, _ in arms].count(a) > 1})
+        raise BenchmarkError(f"arm(s) listed twice in --arms: {', '.join(twice)}. Fix: name each arm once.")
     return arms
 
 
@@ -266,7 +270,7 @@ class Bench:
             folds = self.write_splits()
             ks = [a.k[0]] if a.quick else a.k
             seeds = [a.seeds[0]] if a.quick else a.seeds
-            ceiling_seeds = seeds[:max(a.ceiling_seeds, 1)]
+            ceiling_seeds = seeds[:a.ceiling_seeds]
             plan = plan_runs(folds, arms, ks, seeds, ceiling_seeds)
             skipped = self.state["skipped"]
             done = [p for p in plan if (self.runs / f"{run_id(p[0], p[2])}.json").is_file()]
@@ -681,6 +685,15 @@ def _step_size(text: str) -> float:
     return value
 
 
+def _ceiling_seeds(text: str) -> int:
+    """argparse type of --ceiling_seeds: at least 1 (leave `ceiling` out of --arms for none)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: the ceiling runs for at least the first seed; to run no ceiling, "
+                                         f"leave it out of --arms (e.g. --arms scratch simclr)")
+    return value
+
+
 def _fmt(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -755,7 +768,7 @@ def main(argv=None) -> None:
     p.add_argument("--schedule", default=None,
                    help=f"trainer suffix: nnUNetTrainer_<schedule> and <pretrainer>_<schedule> (default {SCHEDULE}; "
                         f"{QUICK_SCHEDULE} with --quick)")
-    p.add_argument("--ceiling_seeds", type=int, default=1,
+    p.add_argument("--ceiling_seeds", type=_ceiling_seeds, default=1,
                    help="run the ceiling for the first N seeds (default 1: its training cases do not depend on it)")
     p.add_argument("--tta", action="store_true", help="predict with nnU-Net's mirroring (default off, 8x cheaper)")
     p.add_argument("--step_size", type=_step_size, default=None,

@@ -51,7 +51,8 @@ def check_pretrained(checkpoint_file: str, dataset: str | int, configuration: st
                      plans_identifier: str = "nnUNetPlans") -> list[str]:
     """Mismatches that would make `nnUNetv2_train ... -pretrained_weights checkpoint_file` fail."""
     if not isfile(checkpoint_file):
-        raise NnUNetCLError(f"Checkpoint {checkpoint_file} does not exist.")
+        raise NnUNetCLError(f"Checkpoint {checkpoint_file} does not exist. Fix: give the path of a "
+                            f"checkpoint_final.pth (or checkpoint_best.pth) that a pretraining run wrote.")
     folder = preprocessed_folder(dataset)
     plans_file = join(folder, plans_identifier + ".json")
     if not isfile(plans_file):
@@ -73,7 +74,7 @@ def main_check_pretrained():
     try:
         problems = check_pretrained(args.pretrained_weights, args.d, args.c, args.p)
     except NnUNetCLError as e:
-        sys.exit(f"ERROR: {e}")
+        sys.exit(f"nnUNetv2_cl_check_pretrained: error: {e}")
     if not problems:
         print(f"OK: {args.pretrained_weights} fits {args.d} {args.c} ({args.p}); seg layers are re-initialised.")
         return

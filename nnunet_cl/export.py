@@ -25,7 +25,8 @@ def export_model(model_folder: str, output_folder: str, checkpoint_names=("check
         raise NnUNetCLError(f"Model folder {model_folder} does not exist. Fix: train it first, or check -tr/-p/-c.")
     missing = [f for f in _MODEL_FILES if not isfile(join(model_folder, f))]
     if missing:
-        raise NnUNetCLError(f"{model_folder} lacks {', '.join(missing)}: it is not a complete nnU-Net model folder.")
+        raise NnUNetCLError(f"{model_folder} lacks {', '.join(missing)}: it is not a complete nnU-Net model "
+                            f"folder. Fix: point -tr/-p/-c at the folder nnUNetv2_train wrote, or rerun that training.")
     plans, dataset_json = load_json(join(model_folder, "plans.json")), load_json(join(model_folder, "dataset.json"))
     fold_dirs = [d for d in subdirs(model_folder, prefix="fold_", join=False)
                  if folds is None or d.removeprefix("fold_") in {str(f) for f in folds}]
@@ -55,7 +56,9 @@ def export_model(model_folder: str, output_folder: str, checkpoint_names=("check
             save_json({"exported_from": model_folder, "source_trainer": source_trainer},
                       join(output_folder, "nnunet_cl_export.json"))
     if exported == 0:
-        raise NnUNetCLError(f"No {', '.join(checkpoint_names)} found in the fold folders of {model_folder}.")
+        raise NnUNetCLError(f"No {', '.join(checkpoint_names)} found in the fold folders of {model_folder}. Fix: "
+                            f"let training finish, or pass -chk with the checkpoint name that is there "
+                            f"(e.g. checkpoint_best.pth).")
     return output_folder
 
 
@@ -74,6 +77,6 @@ def main_export():
         src = join(require_env("nnUNet_results"), dataset_name(args.d), f"{args.tr}__{args.p}__{args.c}")
         out = export_model(src, args.o, tuple(args.chk), args.f)
     except NnUNetCLError as e:
-        sys.exit(f"ERROR: {e}")
+        sys.exit(f"nnUNetv2_cl_export: error: {e}")
     print(f"Exported {src}\n     to {out}\nPredict with stock nnU-Net: nnUNetv2_predict_from_modelfolder -m {out} "
           f"-i INPUT -o OUTPUT{' -f ' + ' '.join(args.f) if args.f else ''}")

@@ -33,6 +33,8 @@ def test_split_cases_is_a_seeded_partition():
     assert split_cases(CASES, 6, 4, 2)["test"] != s["test"]
     with pytest.raises(BenchmarkError):
         split_cases(CASES[:8], n_test=6, n_val=2, seed=0)  # no training case left
+    with pytest.raises(BenchmarkError, match="more than once in the source: case_003"):
+        split_cases(CASES + ["case_003"], n_test=6, n_val=4, seed=1)
 
 
 def test_folds_nested_fixed_val_ceiling_and_pretraining_fold():
@@ -113,6 +115,15 @@ def test_step_size_must_be_a_fraction_of_the_patch():
             _step_size(bad)
 
 
+def test_ceiling_seeds_below_one_is_refused_with_the_fix():
+    import argparse
+    from nnunet_cl.benchmark import _ceiling_seeds
+    assert _ceiling_seeds("2") == 2
+    for bad in ("0", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="leave it out of --arms"):
+            _ceiling_seeds(bad)
+
+
 def _plans_with_deep_network(folder: Path) -> Path:
     """A 6-stage nnUNetPlans.json as nnU-Net plans a 128^3 CT (OpenKBP's), written by hand."""
     arch = {"n_stages": 6, "features_per_stage": [32, 64, 128, 256, 320, 320],
@@ -159,8 +170,9 @@ def test_arms_are_data_driven():
     assert parse_arms(["scratch", "simclr", "ceiling"]) == [
         ("scratch", None), ("simclr", "nnUNetTrainerSimCLRPretrain"), ("ceiling", None)]
     assert parse_arms(["mine=nnUNetTrainerMinePretrain"]) == [("mine", "nnUNetTrainerMinePretrain")]
-    for bad in (["nosuch"], ["scratch", "scratch"], ["ceiling=nnUNetTrainerX"], ["a b=nnUNetTrainerX"]):
-        with pytest.raises(BenchmarkError):
+    for bad, says in ((["nosuch"], "unknown arm 'nosuch'"), (["simclr", "scratch", "simclr"], "twice in --arms: simclr"),
+                      (["ceiling=nnUNetTrainerX"], "write 'ceiling' alone"), (["a b=nnUNetTrainerX"], "letters")):
+        with pytest.raises(BenchmarkError, match=says):
             parse_arms(bad)
 
 
