@@ -40,7 +40,7 @@ setup(
             "nnUNetv2_cl_demo=nnunet_cl.demo:main",
             "nnUNetv2_cl_benchmark=nnunet_cl.benchmark:main",
             "nnUNetv2_cl_separeg_preview=nnunet_cl.separeg.cli:main",
-            "nnUNetv2_cl_pretrain_plans=nnunet_cl.polycl.plans:main_pretrain_plans",
+            "nnUNetv2_cl_pretrain_plans=nnunet_cl.pretrain_plans:main_pretrain_plans",
             "nnUNetv2_cl_sam_refine=nnunet_cl.polycl.sam_refine:main_sam_refine",
             "nnUNetv2_cl_sam2_propagate=nnunet_cl.polycl.sam2_propagate:main_sam2_propagate",
         ],

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_cl.ext_path import ext_trainer_path
+from nnunet_cl.paths import save_json_atomic
 from nnunet_cl.splits import draw_order
 
 DEFAULT_ID = 950
@@ -249,7 +250,7 @@ class Bench:
         return json.loads(f.read_text()) if f.is_file() else {}
 
     def save_state(self) -> None:
-        _save_json(self.state, self.work / STATE_FILE)
+        save_json_atomic(self.state, self.work / STATE_FILE)
 
     # ---------------------------------------------------------------- main flow
     def main(self) -> int:
@@ -419,8 +420,8 @@ class Bench:
         splits = splits_from_folds(folds)
         splits_file = self.pre_dataset / "splits_final.json"
         if not splits_file.is_file() or json.loads(splits_file.read_text()) != splits:
-            _save_json(splits, splits_file)
-        _save_json({"dataset": self.dataset, "test": split["test"], "val": split["val"],
+            save_json_atomic(splits, splits_file)
+        save_json_atomic({"dataset": self.dataset, "test": split["test"], "val": split["val"],
                     "train_candidates": split["train"], "pretrain_fold": PRETRAIN_FOLD,
                     "note": f"fold i of splits_final.json is folds[i]. Pretraining runs on fold {PRETRAIN_FOLD} (empty "
                             "train and val): its pool is every preprocessed training image, validation included, plus "
@@ -480,7 +481,7 @@ class Bench:
             return None
         pool = re.findall(r"pool: (\d+) cases", out)  # "Pretraining pool: N cases", "SepaReg pool: N cases"
         # wall time only when this invocation ran all of it; otherwise the report uses nnU-Net's epoch times
-        _save_json({"arm": arm, "trainer": trainer, "checkpoint": str(ckpt),
+        save_json_atomic({"arm": arm, "trainer": trainer, "checkpoint": str(ckpt),
                     "wall_s": round(took, 1) if took and not resumed else None,
                     "cpu_s": self.last_cpu if took else None,
                     "epochs_s": _epoch_seconds(ckpt), "pool_cases": int(pool[-1]) if pool else None,
@@ -509,7 +510,7 @@ class Bench:
             if weights and not resumed and "Loading pretrained weights from file" not in out:
                 raise BenchmarkError(f"{rid}: nnU-Net did not report loading {weights}")
             partial = {"finetune_wall_s": round(took, 1), "finetune_cpu_s": self.last_cpu, "resumed": resumed}
-            _save_json(partial, partial_file)
+            save_json_atomic(partial, partial_file)
         pred = self.work / "predictions" / self.schedule / arm / rid
         shutil.rmtree(pred, ignore_errors=True)  # a prediction is cheap; never score a half-written one
         cmd = ["nnUNetv2_predict", "-i", str(self.raw_dataset / "imagesTs"), "-o", str(pred), "-d",
@@ -547,7 +548,7 @@ class Bench:
             "resumed": partial.get("resumed", False), "summary_json": str(pred / "summary.json"),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        _save_json(record, self.runs / f"{rid}.json")
+        save_json_atomic(record, self.runs / f"{rid}.json")
         names = record["labels"]
         per_class = ", ".join(f"{names.get(c, c)} {v:.3f}" for c, v in record["dice"].items() if v is not None)
         mean = record["mean_fg_dice"]
@@ -631,7 +632,7 @@ def write_bench_plans(pre_dataset: Path, patch: list[int] | None = None, batch_s
             raise BenchmarkError(f"--width must be at least 1, got {width}")
         arch["features_per_stage"] = [max(1, int(f * width // first)) for f in arch["features_per_stage"]]
     plans["plans_name"] = BENCH_PLANS
-    _save_json(plans, pre_dataset / f"{BENCH_PLANS}.json")
+    save_json_atomic(plans, pre_dataset / f"{BENCH_PLANS}.json")
     return cfg
 
 
@@ -697,14 +698,6 @@ def _ceiling_seeds(text: str) -> int:
 def _fmt(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _save_json(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 class _Lock:

@@ -1,6 +1,7 @@
 """nnU-Net path variables and dataset lookup with errors that say what to fix."""
+import json
 import os
-from os.path import isdir, join
+from os.path import dirname, isdir, join
 
 _HELP = {
     "nnUNet_raw": "the folder with raw datasets (DatasetXXX_Name/imagesTr, labelsTr, dataset.json)",
@@ -59,3 +60,14 @@ def preprocessed_folder(dataset: str | int) -> str:
     if not isdir(folder):
         raise NnUNetCLError(f"{folder} does not exist. Fix: run nnUNetv2_plan_and_preprocess -d {dataset} first.")
     return folder
+
+
+def save_json_atomic(obj, fname, indent: int = 4) -> None:
+    """json.dump through a temporary file and os.replace: an interrupted run never leaves a half-written file."""
+    fname = os.fspath(fname)
+    if dirname(fname):
+        os.makedirs(dirname(fname), exist_ok=True)
+    tmp = fname + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent, sort_keys=False)
+    os.replace(tmp, fname)

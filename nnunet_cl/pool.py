@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_cl.image_io import check_volume, find_sources, read_source
-from nnunet_cl.paths import NnUNetCLError, dataset_name, require_env
+from nnunet_cl.paths import NnUNetCLError, dataset_name, require_env, save_json_atomic
 from nnunet_cl.splits import preprocessed_identifiers, validation_cases
 
 POOL_FOLDER = "nnunet_cl_pool"
@@ -66,11 +66,7 @@ def load_manifest(preprocessed_dataset_folder: str) -> dict:
 
 
 def _save_manifest(preprocessed_dataset_folder: str, manifest: dict) -> None:
-    fname = join(pool_root(preprocessed_dataset_folder), MANIFEST)
-    tmp = fname + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, fname)  # an interrupted run must not corrupt the manifest
+    save_json_atomic(manifest, join(pool_root(preprocessed_dataset_folder), MANIFEST), indent=2)
 
 
 def _case_on_disk(folder: str, identifier: str) -> bool:

@@ -24,7 +24,7 @@ from os.path import isdir, isfile, join
 
 import numpy as np
 
-from nnunet_cl.paths import NnUNetCLError, preprocessed_folder
+from nnunet_cl.paths import NnUNetCLError, preprocessed_folder, save_json_atomic as _save_json
 
 SPLITS_FILE = "splits_final.json"
 LIMITED_FILE = "splits_limited.json"
@@ -34,13 +34,6 @@ NNUNET_SPLIT_SEED = 12345  # nnUNetTrainer.do_split
 def _load_json(fname: str):
     with open(fname) as f:
         return json.load(f)
-
-
-def _save_json(obj, fname: str) -> None:
-    tmp = fname + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=4, sort_keys=False)
-    os.replace(tmp, fname)  # never leave a half-written splits file behind
 
 
 def preprocessed_identifiers(preprocessed_dataset_folder: str, data_identifier: str | None = None) -> list[str]:

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_cl.paths import NnUNetCLError
-from nnunet_cl.polycl.plans import add_pretrain_configuration, network_divisor, reduced_patch_size
+from nnunet_cl.pretrain_plans import add_pretrain_configuration, network_divisor, reduced_patch_size
 from nnunet_cl_trainers.polycl import (nnUNetTrainerPolyCL, nnUNetTrainerPolyCL_M, nnUNetTrainerPolyCL_O,
                                        nnUNetTrainerPolyCLPretrain)
 from nnunet_cl_trainers.polycl_data import PolyCLPatchLoader, PolyCLPoolDataset, organ_class_locations
@@ -332,7 +332,7 @@ def test_real_loader_reads_presence_only_for_the_training_split(kbp, monkeypatch
 @pytest.fixture(scope="module")
 def variant_run(kbp):
     """nnUNetv2_cl_pretrain_plans, then pretraining only on the variant configuration."""
-    out = run([sys.executable, "-m", "nnunet_cl.polycl.plans", "-d", DATASET_ID], kbp["env"]).stdout
+    out = run([sys.executable, "-m", "nnunet_cl.pretrain_plans", "-d", DATASET_ID], kbp["env"]).stdout
     proc = run(["nnUNetv2_train", DATASET_ID, "3d_fullres_clpretrain", "0", "-tr", PRETRAINER, "-device", "cpu"],
                kbp["env"])
     ckpt = kbp["root"] / "nnUNet_results" / DATASET / f"{PRETRAINER}__nnUNetPlans__3d_fullres_clpretrain" / \

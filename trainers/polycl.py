@@ -24,7 +24,7 @@ from nnunet_cl.heads import pooled_embedding, pooled_projection_heads
 from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, polycl_triplet_loss
 from nnunet_cl.polycl.pairs import STRATEGIES, normalize_presence, sample_triplets, strategy_masks, valid_anchor_mask
-from nnunet_cl.polycl.plans import check_bottleneck, network_divisor, reduced_patch_size
+from nnunet_cl.pretrain_plans import check_bottleneck, network_divisor, reduced_patch_size
 from nnunet_cl.pool import list_pool
 from nnunet_cl_trainers.base import PRETRAIN, nnUNetTrainerCLBase
 from nnunet_cl_trainers.polycl_data import PolyCLPatchLoader, PolyCLPoolDataset

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from os.path import isfile, join
 
 import numpy as np
 
-from nnunet_cl.paths import NnUNetCLError, dataset_name, preprocessed_folder
+from nnunet_cl.paths import NnUNetCLError, dataset_name, preprocessed_folder, save_json_atomic
 
 __all__ = ["SUFFIX", "network_divisor", "reduced_patch_size", "check_bottleneck", "pretrain_configuration",
            "add_pretrain_configuration", "write_pretrain_plans", "main_pretrain_plans"]
@@ -149,10 +148,7 @@ def write_pretrain_plans(dataset: str | int, plans_identifier: str = "nnUNetPlan
         plans = json.load(f)
     name, entry, changed = add_pretrain_configuration(plans, source, name, patch, batch, overwrite)
     if changed:
-        tmp = plans_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(plans, f, indent=4, sort_keys=False)
-        os.replace(tmp, plans_file)  # never leave a half-written plans file
+        save_json_atomic(plans, plans_file)
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     cm = PlansManager(plans).get_configuration(source)
     return {"plans_file": plans_file, "name": name, "entry": entry, "changed": changed,
