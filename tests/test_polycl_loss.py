@@ -131,5 +131,9 @@ def test_infonce_gradient_flows():
     assert z.grad is not None and z.grad.abs().sum() > 0
 
 
-def test_default_temperature():
-    assert DEFAULT_TEMPERATURE == 0.1
+def test_default_temperature_is_the_shared_cores():
+    """Both PolyCL forms default to the temperature of masked_supcon, so methods compare at one temperature."""
+    import inspect
+    defaults = {f.__name__: inspect.signature(f).parameters["temperature"].default
+                for f in (masked_supcon, polycl_triplet_loss, polycl_infonce_loss)}
+    assert set(defaults.values()) == {DEFAULT_TEMPERATURE}, defaults

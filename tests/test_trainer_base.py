@@ -140,3 +140,15 @@ def test_pretraining_only_trainer_skips_validation(make_trainer, capsys):
     assert trainer.finetune_epochs == 0 and trainer.num_epochs == trainer.pretrain_epochs
     trainer.perform_actual_validation()
     assert "-pretrained_weights" in capsys.readouterr().out
+
+
+def test_attribute_variant_sets_only_known_attributes(nnunet_env):
+    from nnunet_cl_trainers.base import attribute_variant
+    fake_preprocessed_folder(nnunet_env, "Dataset997_Tiny")
+    short = attribute_variant(nnUNetTrainerSimCLR, "nnUNetTrainerSimCLR_probe", __name__, pretrain_epochs=3)
+    trainer = short(tiny_plans(), "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))
+    assert trainer.pretrain_epochs == 3 and isinstance(trainer, nnUNetTrainerSimCLR)
+    assert short.__qualname__ == "nnUNetTrainerSimCLR_probe" and "pretrain_epochs=3" in short.__doc__
+    typo = attribute_variant(nnUNetTrainerSimCLR, "nnUNetTrainerSimCLR_typo", __name__, pretrain_epoch=3)
+    with pytest.raises(AttributeError, match="no attribute 'pretrain_epoch'"):
+        typo(tiny_plans(), "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))

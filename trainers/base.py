@@ -353,3 +353,22 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
                                    f"{join(self.output_folder, 'checkpoint_final.pth')}")
             return
         super().perform_actual_validation(save_probabilities)
+
+
+def attribute_variant(base: type, name: str, module: str, doc: str | None = None, **attrs) -> type:
+    """A subclass `name` of `base` that only sets attributes after base.__init__ (nnU-Net's variant style).
+
+    `module` is the module whose namespace receives the class, so nnU-Net's lookup and pickling find it. An
+    attribute the base does not have is refused: a renamed hyperparameter would otherwise change nothing.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        for key, value in attrs.items():
+            if not hasattr(self, key):
+                raise AttributeError(f"{base.__name__} has no attribute {key!r}; variant {name} is out of date")
+            setattr(self, key, value)
+
+    doc = doc or f"{base.__name__} with " + ", ".join(f"{k}={v!r}" for k, v in attrs.items()) + "."
+    return type(name, (base,), {"__init__": __init__, "__module__": module, "__qualname__": name, "__doc__": doc})

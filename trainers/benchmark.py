@@ -20,6 +20,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import nnUNetTrainerDiceCELoss_noSmooth
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
+from nnunet_cl_trainers.base import attribute_variant
 from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCLPretrain
 from nnunet_cl_trainers.separeg import nnUNetTrainerSepaRegPretrain
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLRPretrain
@@ -190,22 +191,12 @@ def pretrain_schedule(base: type, attrs: dict, suffix: str = "clBench", iteratio
     if iterations is None:
         iterations = SCHEDULES[suffix]["pretrain_iterations"]
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        base.__init__(self, plans, configuration, fold, dataset_json, device)
-        for key, value in attrs.items():
-            if not hasattr(self, key):  # a renamed attribute would silently change nothing
-                raise AttributeError(f"{base.__name__} has no attribute {key!r} (benchmark schedule out of date)")
-            setattr(self, key, value)
-        self.pretrain_iterations_per_epoch = iterations
-        self.finetune_epochs = 0
-        self.save_every = 1  # checkpoint_latest after every epoch: an interrupted benchmark resumes with --c
-
     text = ", ".join(f"{k}={v}" for k, v in attrs.items())
-    return type(f"{base.__name__}_{suffix}", (base,),
-                {"__init__": __init__, "__module__": module,
-                 "__doc__": f"{base.__name__} on the pool only ({text}; {iterations} iterations per epoch): its "
-                            f"checkpoint_final.pth goes to nnUNetTrainer_{suffix} -pretrained_weights."})
+    doc = (f"{base.__name__} on the pool only ({text}; {iterations} iterations per epoch): its "
+           f"checkpoint_final.pth goes to nnUNetTrainer_{suffix} -pretrained_weights.")
+    # save_every 1: checkpoint_latest after every epoch, so an interrupted benchmark resumes with --c
+    return attribute_variant(base, f"{base.__name__}_{suffix}", module, doc, **attrs,
+                             pretrain_iterations_per_epoch=iterations, finetune_epochs=0, save_every=1)
 
 
 def _define(base: type) -> None:

@@ -43,7 +43,7 @@ from nnunet_cl.separeg.defaults import CACHE_FOLDER, SEPARATION_DEFAULTS
 from nnunet_cl.separeg.losses import (byol_loss, distill_cosine_loss, distill_kl_loss, ema_update, mlp_head,
                                       simsiam_loss)
 from nnunet_cl.views import flip_view, intensity_view
-from nnunet_cl_trainers.base import FINETUNE, PRETRAIN, nnUNetTrainerCLBase
+from nnunet_cl_trainers.base import FINETUNE, PRETRAIN, attribute_variant, nnUNetTrainerCLBase
 
 REGION, EXPERT, DISTILL = "region", "expert", "distill"
 
@@ -569,16 +569,7 @@ class nnUNetTrainerSepaRegPretrain(nnUNetTrainerSepaReg):
 
 
 def _variant(base, name: str, **attrs):
-    """A subclass of `base` named `name` that only sets attributes (nnU-Net's variant style)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        base.__init__(self, plans, configuration, fold, dataset_json, device)
-        for k, v in attrs.items():
-            setattr(self, k, v)
-
-    doc = f"{base.__name__} with " + ", ".join(f"{k}={v!r}" for k, v in attrs.items()) + "."
-    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name, "__doc__": doc})
+    return attribute_variant(base, name, __name__, **attrs)
 
 
 nnUNetTrainerSepaRegSimSiam = _variant(nnUNetTrainerSepaReg, "nnUNetTrainerSepaRegSimSiam", objective="simsiam")

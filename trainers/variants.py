@@ -2,23 +2,17 @@
 
 `_<P>pt_<F>ft`: P pretraining epochs, then F fine-tuning epochs, 250 iterations each as in nnU-Net.
 """
-import torch
-
+from nnunet_cl_trainers.base import attribute_variant
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLR, nnUNetTrainerSimCLRPretrain
 
 
 def _stages(base, pretrain_epochs: int, finetune_epochs: int | None = None):
-    """Make a subclass of `base` that only sets the stage lengths (like nnU-Net's epoch variants)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        base.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.pretrain_epochs = pretrain_epochs
-        if finetune_epochs is not None:
-            self.finetune_epochs = finetune_epochs
-
+    """`base` with only the stage lengths set (like nnU-Net's epoch variants)."""
+    attrs = {"pretrain_epochs": pretrain_epochs}
+    if finetune_epochs is not None:
+        attrs["finetune_epochs"] = finetune_epochs
     suffix = f"_{pretrain_epochs}pt" + (f"_{finetune_epochs}ft" if finetune_epochs is not None else "")
-    return type(base.__name__ + suffix, (base,), {"__init__": __init__, "__module__": __name__})
+    return attribute_variant(base, base.__name__ + suffix, __name__, **attrs)
 
 
 nnUNetTrainerSimCLR_10pt_50ft = _stages(nnUNetTrainerSimCLR, 10, 50)
