@@ -62,7 +62,8 @@ def main():
         rows = separation_times(sepa)
         per = [s / (np.prod(shape) / 128 ** 3) for _, shape, s, _ in rows]
         lines += ["| case | shape | seconds | s per 128^3 | regions kept |", "|---|---|---|---|---|"]
-        lines += [f"| {c} | {'x'.join(map(str, sh))} | {s:.2f} | {p:.2f} | {r} |" for (c, sh, s, r), p in zip(rows, per)]
+        lines += [f"| {c} | {'x'.join(map(str, sh))} | {s:.2f} | {p:.2f} | {r} |"
+                  for (c, sh, s, r), p in zip(rows, per)]
         lines += [f"\nSeparation, one core: median {statistics.median(r[2] for r in rows):.2f} s per volume, "
                   f"{statistics.median(per):.2f} s per 128^3 (max {max(per):.2f}).\n"]
     t0 = time.perf_counter()

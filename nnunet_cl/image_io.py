@@ -82,7 +82,8 @@ def find_sources(input_folder: str, num_channels: int = 1) -> tuple[list[dict], 
                 several = len(series) > 1
                 sources.append({
                     "key": folder + (f"#{uid}" if several else ""),
-                    "name": (rel_folder if rel_folder != "." else basename(input_folder)) + (f"#{uid}" if several else ""),
+                    "name": ((rel_folder if rel_folder != "." else basename(input_folder))
+                             + (f"#{uid}" if several else "")),
                     "stem": folder_stem + (f"_s{i}" if several else ""),
                     "kind": "dicom", "files": [abspath(f) for f in slice_files], "series_uid": uid,
                 })

@@ -166,7 +166,8 @@ def resolve_configurations(plans_manager, preprocessed_dataset_folder: str,
                                 f"Fix: use -c 3d_fullres (or another 3d configuration).")
     else:
         chosen = [c for c in available if len(plans_manager.get_configuration(c).patch_size) == 3 and (
-            c == "3d_fullres" or isdir(join(preprocessed_dataset_folder, plans_manager.get_configuration(c).data_identifier)))]
+            c == "3d_fullres"
+            or isdir(join(preprocessed_dataset_folder, plans_manager.get_configuration(c).data_identifier)))]
         if not chosen:
             raise NnUNetCLError(f"The plans have no 3d configuration (available: {available}); the pool is for 3d "
                                 f"datasets. Fix: plan a 3d configuration or name one with -c.")
@@ -363,7 +364,8 @@ def format_summary(summary: dict) -> str:
              f"Configurations: {', '.join(f'{c} ({di})' for di, cs in summary['configurations'].items() for c in cs)}",
              f"Added: {len(summary['added'])}" + (f" ({', '.join(summary['added'])})" if summary["added"] else "")]
     if summary["updated"]:
-        lines.append(f"Completed with missing configurations: {len(summary['updated'])} ({', '.join(summary['updated'])})")
+        lines.append(f"Completed with missing configurations: {len(summary['updated'])} "
+                     f"({', '.join(summary['updated'])})")
     lines.append(f"Already present: {len(summary['already_present'])}")
     lines.append(f"Skipped: {len(summary['skipped'])}")
     lines += [f"  {k}: {v}" for k, v in sorted(summary["skipped"].items())]

@@ -82,7 +82,8 @@ def current_splits(preprocessed_dataset_folder: str, num_folds: int = 5,
     return default_splits(preprocessed_identifiers(preprocessed_dataset_folder, data_identifier), num_folds)
 
 
-def validation_cases(preprocessed_dataset_folder: str, fold: int | str, data_identifier: str | None = None) -> list[str]:
+def validation_cases(preprocessed_dataset_folder: str, fold: int | str,
+                     data_identifier: str | None = None) -> list[str]:
     """Validation identifiers nnUNetTrainer.do_split uses for `fold` ('all' -> none held out here).
 
     For fold 'all' nnU-Net validates on its training cases, so nothing is held out. A fold beyond the

@@ -170,7 +170,8 @@ def test_arms_are_data_driven():
     assert parse_arms(["scratch", "simclr", "ceiling"]) == [
         ("scratch", None), ("simclr", "nnUNetTrainerSimCLRPretrain"), ("ceiling", None)]
     assert parse_arms(["mine=nnUNetTrainerMinePretrain"]) == [("mine", "nnUNetTrainerMinePretrain")]
-    for bad, says in ((["nosuch"], "unknown arm 'nosuch'"), (["simclr", "scratch", "simclr"], "twice in --arms: simclr"),
+    for bad, says in ((["nosuch"], "unknown arm 'nosuch'"),
+                      (["simclr", "scratch", "simclr"], "twice in --arms: simclr"),
                       (["ceiling=nnUNetTrainerX"], "write 'ceiling' alone"), (["a b=nnUNetTrainerX"], "letters")):
         with pytest.raises(BenchmarkError, match=says):
             parse_arms(bad)

@@ -252,7 +252,8 @@ def kbp(tmp_path_factory, shared_data):
     (raw / "imagesTr").mkdir(parents=True)
     (raw / "labelsTr").mkdir()
     cases = sorted(p.name[:-len("_0000.nii.gz")] for p in (src / "imagesTr").glob("*_0000.nii.gz"))
-    labeled, pool_kbp, test_case = cases[:N_LABELED], cases[N_LABELED:N_LABELED + N_POOL_KBP], cases[N_LABELED + N_POOL_KBP]
+    labeled, pool_kbp = cases[:N_LABELED], cases[N_LABELED:N_LABELED + N_POOL_KBP]
+    test_case = cases[N_LABELED + N_POOL_KBP]
     for c in labeled:
         _crop(src / "imagesTr" / f"{c}_0000.nii.gz", raw / "imagesTr" / f"{c}_0000.nii.gz")
         _crop(src / "labelsTr" / f"{c}.nii.gz", raw / "labelsTr" / f"{c}.nii.gz")
@@ -329,7 +330,8 @@ def test_predict_with_the_staged_model(kbp, staged, tmp_path):
 def test_preview_with_clusters_from_the_checkpoint(kbp, staged, tmp_path):
     out = tmp_path / "clusters.png"
     ckpt = fold_folder(kbp, "nnUNetTrainerSepaReg_test") / "checkpoint_final.pth"
-    proc = run(preview_cmd() + ["-d", DATASET_ID, "--case", kbp["pool_case"], "-o", str(out), "--checkpoint", str(ckpt)],
+    proc = run(preview_cmd() + ["-d", DATASET_ID, "--case", kbp["pool_case"], "-o", str(out),
+                                "--checkpoint", str(ckpt)],
                kbp["env"])
     assert "2 clusters" in proc.stdout and out.is_file()
 

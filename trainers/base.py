@@ -277,7 +277,9 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         else:
             self.logger.log("epoch_end_timestamps", time.time(), self.current_epoch)
             self.print_to_log_file("train_loss", np.round(self.logger.get_value("train_losses", step=-1), 4))
-            self.print_to_log_file(f"Epoch time: {np.round(self.logger.get_value('epoch_end_timestamps', step=-1) - self.logger.get_value('epoch_start_timestamps', step=-1), 2)} s")
+            seconds = (self.logger.get_value("epoch_end_timestamps", step=-1)
+                       - self.logger.get_value("epoch_start_timestamps", step=-1))
+            self.print_to_log_file(f"Epoch time: {np.round(seconds, 2)} s")
             if self.current_epoch == self.pretrain_epochs - 1 and self.finetune_epochs > 0:
                 # staged runs keep the end of pretraining: a checkpoint -pretrained_weights can take
                 self.save_checkpoint(join(self.output_folder, "checkpoint_pretrained.pth"))

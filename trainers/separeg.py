@@ -335,16 +335,16 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         out = super().train_step(batch)
         if self.stage() == PRETRAIN and self.objective == "byol" and self.phase() in (REGION, EXPERT):
             online = self._online()
-            ema_update(self.cl_modules["teacher"], nn.ModuleDict({k: online[k] for k in ("encoder", "local", "projector")}),
-                       self.byol_momentum)
+            student = nn.ModuleDict({k: online[k] for k in ("encoder", "local", "projector")})
+            ema_update(self.cl_modules["teacher"], student, self.byol_momentum)
         return out
 
     # ------------------------------------------------------------------------------------------ weights
     def _snapshot(self, with_teacher: bool) -> dict:
         heads = {k: v.detach().cpu().clone() for k, v in self.cl_modules.state_dict().items()
                  if with_teacher or not k.startswith("teacher.")}
-        return {"encoder": {k: v.detach().cpu().clone() for k, v in self.unwrapped_network.encoder.state_dict().items()},
-                "heads": heads}
+        encoder = self.unwrapped_network.encoder.state_dict()
+        return {"encoder": {k: v.detach().cpu().clone() for k, v in encoder.items()}, "heads": heads}
 
     def _restore(self, state: dict) -> None:
         """Load a snapshot into the working copy (nnU-Net's encoder + heads) and forget AdamW's moments."""
@@ -415,12 +415,13 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             self._stash_expert()
             for j in range(self.n_experts):
                 if j not in st.experts:  # expert_epochs = 0 (or k' < k): the base stands in
-                    st.experts[j] = {"encoder": st.base["encoder"],
-                                     "heads": {k: v for k, v in st.base["heads"].items() if not k.startswith("teacher.")}}
+                    heads = {k: v for k, v in st.base["heads"].items() if not k.startswith("teacher.")}
+                    st.experts[j] = {"encoder": st.base["encoder"], "heads": heads}
             self._restore(st.base)
             st.working = ("student", None)
             self.print_to_log_file(f"SepaReg: distilling {self.n_experts} frozen experts into the student "
-                                   f"(initialised from the base), {self.regions_per_step} regions of one cluster per step")
+                                   f"(initialised from the base), {self.regions_per_step} regions of one cluster per "
+                                   f"step")
 
     def _stash_expert(self):
         st = self.sepa

@@ -83,7 +83,8 @@ class PreprocessedCaseLoader:
         return np.asarray(data[self.channel], dtype=np.float32), spacing
 
     def __repr__(self):
-        return f"PreprocessedCaseLoader({self.folder!r}, {self.identifier!r}, spacing={self.spacing}, channel={self.channel})"
+        return (f"PreprocessedCaseLoader({self.folder!r}, {self.identifier!r}, spacing={self.spacing}, "
+                f"channel={self.channel})")
 
 
 def _as_loader(spec: CaseSpec) -> Loader:
@@ -115,7 +116,8 @@ def _is_done(path: str, key: str) -> bool | None:
         return None
 
 
-def _compute_one(case_id: str, loader: Loader, out_folder: str, crop_dtype: str, key: str, kwargs: dict) -> tuple[str, int]:
+def _compute_one(case_id: str, loader: Loader, out_folder: str, crop_dtype: str, key: str,
+                 kwargs: dict) -> tuple[str, int]:
     image, spacing = loader()
     res = separate_case(np.asarray(image), spacing, **kwargs)
     crops = res["crops"]
