@@ -14,7 +14,8 @@ are never touched) from SOURCE, an MSD task folder or an nnU-Net raw dataset fol
   contrastive arm with `-pretrained_weights` of its pretraining, the ceiling on its ceiling fold;
 - the test set is predicted with nnUNetv2_predict and scored with nnUNetv2_evaluate_folder.
 
-Results: one JSON per run in --work/runs (a rerun skips those), results.md/.csv and dice_vs_labels.png.
+Results: one JSON per run in --work/runs/<schedule> (a rerun skips those); results_<schedule>.md/.csv and
+dice_vs_labels_<schedule>.png in --work.
 Everything the nnU-Net commands print goes to --work/benchmark_log.txt. See docs/benchmarks.md.
 """
 import argparse
@@ -30,138 +31,34 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_cl.benchmark_design import (BASE_PLANS, BENCH_PLANS, CEILING, CONFIG, DEFAULT_ARMS, FOLDS_FILE,
+                                        PRETRAIN_FOLD, QUICK_ARMS, BenchmarkError, build_folds, parse_arms,
+                                        plan_runs, run_id, split_cases, splits_from_folds, write_bench_plans)
 from nnunet_cl.ext_path import ext_trainer_path
 from nnunet_cl.paths import save_json_atomic
-from nnunet_cl.splits import draw_order
 
 DEFAULT_ID = 950
-CONFIG = "3d_fullres"
-BASE_PLANS = "nnUNetPlans"
-BENCH_PLANS = "nnUNetPlans_clBench"  # with --patch/--batch_size/--width: same preprocessed data, smaller training
 SCHEDULE, QUICK_SCHEDULE = "clBench", "clBenchQuick"
-SCRATCH, CEILING = "scratch", "ceiling"
-# arm name -> pretraining trainer (its schedule class is '<trainer>_<schedule>'); None: no pretraining
-KNOWN_ARMS = {SCRATCH: None, "simclr": "nnUNetTrainerSimCLRPretrain", "separeg": "nnUNetTrainerSepaRegPretrain",
-              "polycl": "nnUNetTrainerPolyCLPretrain", CEILING: None}
-DEFAULT_ARMS = list(KNOWN_ARMS)
-QUICK_ARMS = [a for a in DEFAULT_ARMS if a != CEILING]  # --quick is a first look at one k: no all-labels run
-PRETRAIN_KEY, PRETRAIN_FOLD = "pretrain", 0
-STATE_FILE, FOLDS_FILE, LOG_FILE, LOCK_FILE = "benchmark.json", "benchmark_folds.json", "benchmark_log.txt", ".lock"
+STATE_FILE, LOG_FILE, LOCK_FILE = "benchmark.json", "benchmark_log.txt", ".lock"
 # settings that define the dataset and its splits: a rerun in the same --work must not change them
 FIXED_SETTINGS = ("source", "labels_folder", "dataset_json", "dataset_id", "name", "n_test", "n_val", "split_seed",
                   "plans_variant")
 
 
-class BenchmarkError(RuntimeError):
-    """A user-facing error: the message says what is wrong and what to do."""
 
 
-# ------------------------------------------------------------------------------------------------------------
-# pure pieces (tested directly)
-
-def split_cases(cases: list[str], n_test: int, n_val: int, seed: int) -> dict:
-    """Seeded partition of the labeled cases: {'test', 'val', 'train'} (train = every case not test or val)."""
-    cases = sorted(cases)
-    if len(set(cases)) != len(cases):
-        twice = sorted({c for c in cases if cases.count(c) > 1})
-        raise BenchmarkError(f"case identifiers appear more than once in the source: {', '.join(twice[:10])}. Fix: "
-                             f"give every image and label file a unique case name.")
-    if n_test < 1 or n_val < 1:
-        raise BenchmarkError(f"--n_test and --n_val must be at least 1 (got {n_test}, {n_val})")
-    if n_test + n_val + 1 > len(cases):
-        raise BenchmarkError(f"{len(cases)} labeled cases cannot hold {n_test} test + {n_val} validation cases and a "
-                             f"training set. Fix: lower --n_test / --n_val.")
-    order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
-    return {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
-            "train": sorted(order[n_test + n_val:])}
 
 
-def fold_key(kind: str, k, seed: int) -> str:
-    return f"{kind}:k={k}:seed={seed}"
 
 
-def build_folds(train: list[str], val: list[str], ks: list[int], seeds: list[int],
-                existing: list[dict] = ()) -> list[dict]:
-    """Fold list for splits_final.json: the pretraining fold, one fold per (k, seed), one ceiling fold per seed.
-
-    Fold 0 is the pretraining fold, with empty train and val: `nnunet_cl.pool.list_pool` excludes only a fold's
-    val cases, so its pool is every preprocessed training image plus the ingested scans (what fold 'all' gives),
-    and a method that reads organ presence of "the fold's labeled training cases" (PolyCL O/M, its crop
-    balancing) gets none: pretraining sees no label.
-
-    Folds already in `existing` (an earlier invocation) keep their index, new ones are appended, so finished runs
-    stay valid when k or seeds are added later. For a seed, the k-draws are prefixes of one seeded order of the
-    training cases (draw_order, fold 0): the k=2 set is inside the k=5 set. Validation is `val` for every fold.
-    """
-    if set(train) & set(val):
-        raise BenchmarkError("validation cases inside the training candidates")
-    too_big = [k for k in ks if k > len(train) or k < 1]
-    if too_big:
-        raise BenchmarkError(f"k={too_big} impossible with {len(train)} training cases (outside test and validation). "
-                             f"Fix: smaller --k, or lower --n_test/--n_val.")
-    folds = [dict(f) for f in existing] or [{"key": PRETRAIN_KEY, "kind": PRETRAIN_KEY, "k": 0, "seed": None,
-                                               "fold": PRETRAIN_FOLD, "train": []}]
-    index = {f["key"]: f for f in folds}
-    if index.get(PRETRAIN_KEY, {}).get("fold") != PRETRAIN_FOLD:
-        raise BenchmarkError(f"{FOLDS_FILE} has no pretraining fold {PRETRAIN_FOLD}. Fix: use a new --work.")
-    wanted = []
-    for seed in seeds:
-        order = draw_order(train, seed, 0)
-        for k in ks:
-            wanted.append({"key": fold_key("k", k, seed), "kind": "k", "k": int(k), "seed": int(seed),
-                           "train": order[:k]})
-        wanted.append({"key": fold_key(CEILING, "all", seed), "kind": CEILING, "k": len(train), "seed": int(seed),
-                       "train": sorted(train)})
-    for w in wanted:
-        old = index.get(w["key"])
-        if old is None:
-            w["fold"] = len(folds)
-            folds.append(w)
-            index[w["key"]] = w
-        elif old["train"] != w["train"]:
-            raise BenchmarkError(f"fold {old['fold']} ({w['key']}) in {FOLDS_FILE} trains on other cases than this "
-                                 f"draw gives; the work folder was made with other settings. Fix: use a new --work.")
-    for f in folds:
-        f["val"] = [] if f["kind"] == PRETRAIN_KEY else list(val)
-    return folds
 
 
-def splits_from_folds(folds: list[dict]) -> list[dict]:
-    """splits_final.json content: a plain list of {'train', 'val'}, fold i at index i."""
-    by_index = sorted(folds, key=lambda f: f["fold"])
-    assert [f["fold"] for f in by_index] == list(range(len(by_index)))
-    return [{"train": list(f["train"]), "val": list(f["val"])} for f in by_index]
 
 
-def parse_arms(names: list[str]) -> list[tuple[str, str | None]]:
-    """[(arm, pretraining trainer or None)]; 'name=nnUNetTrainerXPretrain' adds an arm of your own."""
-    arms = []
-    for item in names:
-        name, _, trainer = item.partition("=")
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-            raise BenchmarkError(f"arm name {name!r}: use letters, digits, _ and - only")
-        if trainer:
-            if name in (SCRATCH, CEILING):
-                raise BenchmarkError(f"{name} has no pretraining trainer: write '{name}' alone, or give your own "
-                                     f"method another name (e.g. mine={trainer})")
-            arms.append((name, trainer))
-        elif name in KNOWN_ARMS:
-            arms.append((name, KNOWN_ARMS[name]))
-        else:
-            raise BenchmarkError(f"unknown arm {name!r}. Known: {', '.join(KNOWN_ARMS)}; or give your own as "
-                                 f"NAME=nnUNetTrainerXPretrain (its schedule class NAME_<schedule> must exist).")
-    if len({a for a, _ in arms}) != len(arms):
-        twice = sorted({a for a, _ in arms if [x for x, _ in arms].count(a) > 1})
-        raise BenchmarkError(f"arm(s) listed twice in --arms: {', '.join(twice)}. Fix: name each arm once.")
-    return arms
 
 
-def run_id(arm: str, fold: dict) -> str:
-    return f"{arm}__k{'all' if fold['kind'] == CEILING else fold['k']}__seed{fold['seed']}"
 
 
-# ------------------------------------------------------------------------------------------------------------
-# the orchestration
 
 
 class Bench:
@@ -578,84 +475,10 @@ class Bench:
 # ------------------------------------------------------------------------------------------------------------
 # helpers
 
-def plan_runs(folds: list[dict], arms: list[tuple[str, str | None]], ks: list[int], seeds: list[int],
-              ceiling_seeds: list[int]) -> list[tuple[str, str | None, dict]]:
-    """(arm, pretrainer, fold) to run, seed-major so that a stopped benchmark leaves whole seeds behind.
-
-    Every arm but the ceiling runs on each fine-tuning fold of the wanted k and seeds; the ceiling runs on its
-    all-labels fold for the seeds in ceiling_seeds, if it is among the arms.
-    """
-    wanted = [f for f in folds if f["kind"] != PRETRAIN_KEY and f["seed"] in seeds
-              and (f["kind"] == CEILING or f["k"] in ks)]
-    plan = []
-    for seed in seeds:
-        for fold in [f for f in wanted if f["seed"] == seed]:
-            for arm, pre in arms:
-                if fold["kind"] == CEILING:
-                    if arm == CEILING and seed in ceiling_seeds:
-                        plan.append((arm, pre, fold))
-                elif arm != CEILING:
-                    plan.append((arm, pre, fold))
-    return plan
 
 
-def write_bench_plans(pre_dataset: Path, patch: list[int] | None = None, batch_size: int | None = None,
-                      width: int | None = None, topology: str | None = None) -> dict:
-    """nnUNetPlans_clBench.json: nnUNetPlans with a smaller 3d_fullres training, same preprocessed data.
-
-    patch: patch size; batch_size: samples per step; width: features of the first stage, every stage scaled
-    alike (nnU-Net's 32 -> 16 halves them all). topology "planned": the network's stages, strides and kernels
-    are planned for `patch` by nnU-Net's own rule (as its planner would for that patch); None: the plans'
-    stages are kept and the patch must be a multiple of their total stride. Either way the network is nnU-Net's
-    PlainConvUNet, and every arm trains and predicts with these plans. Returns the new 3d_fullres configuration.
-    """
-    if topology not in (None, "planned"):
-        raise BenchmarkError(f"unknown topology {topology!r}: 'planned' or none")
-    plans = json.loads((pre_dataset / f"{BASE_PLANS}.json").read_text())
-    cfg = plans["configurations"][CONFIG]
-    arch = cfg["architecture"]["arch_kwargs"]
-    if patch is not None:
-        if topology == "planned":
-            plan_topology(cfg, [int(p) for p in patch])
-        strides = np.prod(np.array(arch["strides"]), axis=0)
-        if len(patch) != len(strides) or any(p < 1 or p % s for p, s in zip(patch, strides)):
-            raise BenchmarkError(f"--patch {patch} must have {len(strides)} sizes, each a multiple of the network's "
-                                 f"total stride {strides.tolist()} (the plans' patch is {cfg['patch_size']})")
-        cfg["patch_size"] = [int(p) for p in patch]
-    if batch_size is not None:
-        if batch_size < 1:
-            raise BenchmarkError(f"--batch_size must be at least 1, got {batch_size}")
-        cfg["batch_size"] = int(batch_size)
-    if width is not None:
-        first = arch["features_per_stage"][0]
-        if width < 1:
-            raise BenchmarkError(f"--width must be at least 1, got {width}")
-        arch["features_per_stage"] = [max(1, int(f * width // first)) for f in arch["features_per_stage"]]
-    plans["plans_name"] = BENCH_PLANS
-    save_json_atomic(plans, pre_dataset / f"{BENCH_PLANS}.json")
-    return cfg
 
 
-def plan_topology(cfg: dict, patch: list[int]) -> None:
-    """Re-plan cfg's PlainConvUNet stages for `patch` in place, as nnU-Net's ExperimentPlanner does.
-
-    A smaller patch through the plans' deep network leaves a 1-2 voxel bottleneck; nnU-Net itself would pool
-    only while feature maps keep at least 4 voxels per axis (get_pool_and_conv_props), so a 32x64x32 patch
-    gets 4 stages, not 6. Features double per stage from the first up to the plans' largest, as the planner's.
-    """
-    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
-    arch = cfg["architecture"]["arch_kwargs"]
-    _, strides, kernels, fitted, _ = get_pool_and_conv_props(cfg["spacing"], patch, 4, 999999)
-    if [int(p) for p in fitted] != list(patch):
-        raise BenchmarkError(f"--patch {patch}: nnU-Net's planner would make it {[int(p) for p in fitted]} "
-                             f"(each axis a multiple of its pooling). Fix: pass that patch.")
-    n = len(strides)
-    first, top = arch["features_per_stage"][0], max(arch["features_per_stage"])
-    blocks, blocks_dec = arch["n_conv_per_stage"], arch["n_conv_per_stage_decoder"]
-    arch.update(n_stages=n, strides=[list(s) for s in strides], kernel_sizes=[list(k) for k in kernels],
-                features_per_stage=[min(top, first * 2 ** i) for i in range(n)],
-                n_conv_per_stage=[blocks[min(i, len(blocks) - 1)] for i in range(n)],
-                n_conv_per_stage_decoder=[blocks_dec[min(i, len(blocks_dec) - 1)] for i in range(n - 1)])
 
 
 def _epoch_seconds(checkpoint: Path) -> float | None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_cl.benchmark import (BenchmarkError, PRETRAIN_FOLD, build_folds, parse_arms, split_cases,
-                                 splits_from_folds)
+from nnunet_cl.benchmark_design import (BenchmarkError, PRETRAIN_FOLD, build_folds, parse_arms, split_cases,
+                                        splits_from_folds)
 from nnunet_cl.benchmark_report import write_report
 
 TESTS = Path(__file__).resolve().parent
@@ -74,7 +74,7 @@ def test_folds_grow_without_moving_old_ones():
 
 
 def test_run_plan_seed_major_and_quick_leaves_out_the_ceiling():
-    from nnunet_cl.benchmark import DEFAULT_ARMS, QUICK_ARMS, plan_runs
+    from nnunet_cl.benchmark_design import DEFAULT_ARMS, QUICK_ARMS, plan_runs
     s = split_cases(CASES, 6, 4, 0)
     folds = build_folds(s["train"], s["val"], ks=[2, 5], seeds=[0, 1])
     arms = parse_arms(DEFAULT_ARMS)
@@ -144,7 +144,7 @@ def _plans_with_deep_network(folder: Path) -> Path:
 def test_bench_plans_keep_or_replan_the_network_for_the_patch(tmp_path):
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunet_cl.benchmark import write_bench_plans
+    from nnunet_cl.benchmark_design import write_bench_plans
     pre = _plans_with_deep_network(tmp_path)
     kept = write_bench_plans(pre, [64, 64, 64], 2, 16)  # the plans' 6 stages: total stride 32, a 2^3 bottleneck
     assert kept["architecture"]["arch_kwargs"]["n_stages"] == 6
