@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_cl.benchmark_design import (BASE_PLANS, BENCH_PLANS, CEILING, CONFIG, DEFAULT_ARMS, FOLDS_FILE,
-                                        PRETRAIN_FOLD, QUICK_ARMS, BenchmarkError, build_folds, parse_arms,
-                                        plan_runs, run_id, split_cases, splits_from_folds, write_bench_plans)
+                                        PRETRAIN_FOLD, QUICK_ARMS, BenchmarkError, build_folds, needs_preprocessing,
+                                        parse_arms, plan_runs, run_id, split_cases, splits_from_folds,
+                                        write_bench_plans)
 from nnunet_cl.ext_path import ext_trainer_path
 from nnunet_cl.paths import save_json_atomic
 
@@ -218,7 +219,8 @@ class Bench:
                         "n_val": int(a.n_val), "split_seed": int(a.split_seed),
                         "plans_variant": {k: v for k, v in (("patch", a.patch), ("batch_size", a.batch_size),
                                                             ("width", a.width),
-                                                            ("topology", "planned" if a.plan_network else None))
+                                                            ("topology", "planned" if a.plan_network else None),
+                                                            ("spacing_factor", a.spacing_factor))
                                            if v is not None} or None}
             if old:
                 changed = [k for k in FIXED_SETTINGS if old.get(k) != settings.get(k)]
@@ -285,15 +287,23 @@ class Bench:
 
     def preprocess(self) -> None:
         s = self.settings
+        resample = needs_preprocessing(s.get("plans_variant"))
         if not self.state["stages"].get("preprocess"):
-            took, _ = self.run(["nnUNetv2_plan_and_preprocess", "-d", str(s["dataset_id"]), "-c", CONFIG, "-np", "2"],
-                               self.env(), "plan and preprocess")
+            # with a coarser spacing only the bench plans' data is used: plan here, preprocess below
+            took, _ = self.run(["nnUNetv2_plan_and_preprocess", "-d", str(s["dataset_id"]), "-c", CONFIG, "-np", "2"]
+                               + (["--no_pp"] if resample else []), self.env(), "plan and preprocess")
             self.state["stages"]["preprocess"] = round(took, 1)
             self.save_state()
         if s.get("plans_variant") and not (self.pre_dataset / f"{BENCH_PLANS}.json").is_file():
             cfg = write_bench_plans(self.pre_dataset, **s["plans_variant"])
-            self.say(f"Plans {BENCH_PLANS} for every arm (same preprocessed data): {CONFIG} patch {cfg['patch_size']}, "
-                     f"batch {cfg['batch_size']}, features {cfg['architecture']['arch_kwargs']['features_per_stage']}")
+            self.say(f"Plans {BENCH_PLANS} for every arm: {CONFIG} spacing {[round(x, 2) for x in cfg['spacing']]}, "
+                     f"patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
+                     f"features {cfg['architecture']['arch_kwargs']['features_per_stage']}")
+        if resample and not self.state["stages"].get("preprocess_bench_plans"):
+            took, _ = self.run(["nnUNetv2_preprocess", "-d", str(s["dataset_id"]), "-plans_name", BENCH_PLANS, "-c",
+                                CONFIG, "-np", "2"], self.env(), f"preprocess for {BENCH_PLANS}")
+            self.state["stages"]["preprocess_bench_plans"] = round(took, 1)
+            self.save_state()
 
     def ingest_unlabeled(self) -> None:
         done = self.state["stages"].setdefault("unlabeled", {})
@@ -578,6 +588,10 @@ def main(argv=None) -> None:
     p.add_argument("--plan_network", action="store_true",
                    help="with --patch: plan the network's stages for that patch as nnU-Net's planner would (e.g. 4 "
                         "stages for 32x64x32), instead of keeping the plans' stages")
+    p.add_argument("--spacing_factor", type=float, default=None,
+                   help="resample every image to the plans' spacing times this factor (e.g. 2: half the resolution "
+                        "per axis, as nnU-Net's 3d_lowres), so a small patch holds more anatomy; predictions are "
+                        "scored at each image's own spacing (plans variant, preprocessed once)")
     p.add_argument("--batch_size", type=int, default=None, help="fine-tuning batch size for every arm (plans variant)")
     p.add_argument("--width", type=int, default=None,
                    help="features of the network's first stage, all stages scaled alike, for every arm (plans variant)")

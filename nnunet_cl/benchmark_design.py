@@ -152,20 +152,32 @@ def plan_runs(folds: list[dict], arms: list[tuple[str, str | None]], ks: list[in
 
 
 def write_bench_plans(pre_dataset: Path, patch: list[int] | None = None, batch_size: int | None = None,
-                      width: int | None = None, topology: str | None = None) -> dict:
-    """nnUNetPlans_clBench.json: nnUNetPlans with a smaller 3d_fullres training, same preprocessed data.
+                      width: int | None = None, topology: str | None = None,
+                      spacing_factor: float | None = None) -> dict:
+    """nnUNetPlans_clBench.json: nnUNetPlans with a smaller 3d_fullres training.
 
     patch: patch size; batch_size: samples per step; width: features of the first stage, every stage scaled
     alike (nnU-Net's 32 -> 16 halves them all). topology "planned": the network's stages, strides and kernels
     are planned for `patch` by nnU-Net's own rule (as its planner would for that patch); None: the plans'
-    stages are kept and the patch must be a multiple of their total stride. Either way the network is nnU-Net's
-    PlainConvUNet, and every arm trains and predicts with these plans. Returns the new 3d_fullres configuration.
+    stages are kept and the patch must be a multiple of their total stride. spacing_factor: the target spacing
+    times this factor on every axis (a coarser resampling, as nnU-Net's 3d_lowres), with its own data
+    identifier, so the data must be preprocessed for these plans (`needs_preprocessing`); None keeps the plans'
+    spacing and their preprocessed data. Either way the network is nnU-Net's PlainConvUNet, predictions are
+    resampled back to each image's own spacing, and every arm trains and predicts with these plans. Returns
+    the new 3d_fullres configuration.
     """
     if topology not in (None, "planned"):
         raise BenchmarkError(f"unknown topology {topology!r}: 'planned' or none")
     plans = json.loads((pre_dataset / f"{BASE_PLANS}.json").read_text())
     cfg = plans["configurations"][CONFIG]
     arch = cfg["architecture"]["arch_kwargs"]
+    if spacing_factor is not None:
+        if not spacing_factor > 1:
+            raise BenchmarkError(f"--spacing_factor must be above 1 (a coarser spacing), got {spacing_factor}")
+        cfg["spacing"] = [float(sp) * spacing_factor for sp in cfg["spacing"]]
+        cfg["median_image_size_in_voxels"] = [round(float(n) / spacing_factor)
+                                              for n in cfg["median_image_size_in_voxels"]]
+        cfg["data_identifier"] = f"{BENCH_PLANS}_{CONFIG}"
     if patch is not None:
         if topology == "planned":
             plan_topology(cfg, [int(p) for p in patch])
@@ -208,3 +220,8 @@ def plan_topology(cfg: dict, patch: list[int]) -> None:
                 features_per_stage=[min(top, first * 2 ** i) for i in range(n)],
                 n_conv_per_stage=[blocks[min(i, len(blocks) - 1)] for i in range(n)],
                 n_conv_per_stage_decoder=[blocks_dec[min(i, len(blocks_dec) - 1)] for i in range(n - 1)])
+
+
+def needs_preprocessing(plans_variant: dict | None) -> bool:
+    """Whether these bench plans resample the data (their own data identifier) rather than reuse nnUNetPlans'."""
+    return bool(plans_variant and plans_variant.get("spacing_factor"))

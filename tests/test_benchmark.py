@@ -134,6 +134,7 @@ def _plans_with_deep_network(folder: Path) -> Path:
             "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
             "nonlin_kwargs": {"inplace": True}}
     cfg = {"patch_size": [128, 128, 128], "batch_size": 2, "spacing": [3.9, 2.5, 3.9],
+           "median_image_size_in_voxels": [128, 128, 128], "data_identifier": "nnUNetPlans_3d_fullres",
            "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
                             "arch_kwargs": arch, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}
     (folder / "nnUNetPlans.json").write_text(json.dumps({"plans_name": "nnUNetPlans",
@@ -164,6 +165,22 @@ def test_bench_plans_keep_or_replan_the_network_for_the_patch(tmp_path):
     assert [tuple(o.shape[2:]) for o in out] == [(32, 64, 32), (16, 32, 16), (8, 16, 8)]
     with pytest.raises(BenchmarkError, match="planner would make it"):
         write_bench_plans(pre, [30, 64, 32], topology="planned")
+    assert cfg["spacing"] == [3.9, 2.5, 3.9] and cfg["data_identifier"] == "nnUNetPlans_3d_fullres"  # same data
+
+
+def test_bench_plans_at_a_coarser_spacing_have_their_own_data(tmp_path):
+    from nnunet_cl.benchmark_design import needs_preprocessing, write_bench_plans
+    pre = _plans_with_deep_network(tmp_path)
+    cfg = write_bench_plans(pre, [32, 48, 32], 2, 16, "planned", spacing_factor=2)
+    assert cfg["spacing"] == pytest.approx([7.8, 5.0, 7.8]) and cfg["median_image_size_in_voxels"] == [64] * 3
+    assert cfg["data_identifier"] == "nnUNetPlans_clBench_3d_fullres"  # never nnUNetPlans' full-resolution data
+    # planned for the new spacing (axes within 2x of each other, so every axis pools alike)
+    assert cfg["architecture"]["arch_kwargs"]["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 3
+    for bad in (1, 0.5):
+        with pytest.raises(BenchmarkError, match="above 1"):
+            write_bench_plans(pre, spacing_factor=bad)
+    assert needs_preprocessing({"patch": [32, 48, 32], "spacing_factor": 2.0})
+    assert not needs_preprocessing({"patch": [32, 48, 32]}) and not needs_preprocessing(None)
 
 
 def test_arms_are_data_driven():
