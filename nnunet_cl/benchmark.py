@@ -43,6 +43,7 @@ SCHEDULE, QUICK_SCHEDULE = "clBench", "clBenchQuick"
 STATE_FILE, LOG_FILE, LOCK_FILE = "benchmark.json", "benchmark_log.txt", ".lock"
 # settings that define the dataset and its splits: a rerun in the same --work must not change them
 FIXED_SETTINGS = ("source", "labels_folder", "dataset_json", "dataset_id", "name", "n_test", "n_val", "split_seed",
+                  "complete_cases",
                   "plans_variant")
 
 
@@ -217,6 +218,7 @@ class Bench:
             settings = {"source": str(source), "labels_folder": a.labels_folder, "dataset_json": str(dj_file),
                         "dataset_id": int(a.dataset_id), "name": name, "n_test": int(a.n_test),
                         "n_val": int(a.n_val), "split_seed": int(a.split_seed),
+                        "complete_cases": True if a.complete_cases else None,
                         "plans_variant": {k: v for k, v in (("patch", a.patch), ("batch_size", a.batch_size),
                                                             ("width", a.width),
                                                             ("topology", "planned" if a.plan_network else None),
@@ -263,7 +265,10 @@ class Bench:
         if missing:
             raise BenchmarkError(f"{len(missing)} labeled case(s) without all {channels} image channel(s) in "
                                  f"{src / 'imagesTr'}, e.g. {missing[:3]}")
-        split = split_cases(cases, s["n_test"], s["n_val"], s["split_seed"])
+        complete = None
+        if s.get("complete_cases"):
+            complete = self.complete_cases(labels_dir, cases, ending, dj["labels"])
+        split = split_cases(cases, s["n_test"], s["n_val"], s["split_seed"], complete)
         out = self.raw_dataset
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             (out / sub).mkdir(parents=True)
@@ -319,11 +324,24 @@ class Bench:
             done[folder] = round(took, 1)
             self.save_state()
 
+    def complete_cases(self, labels_dir: Path, cases: list[str], ending: str, labels: dict) -> list[str]:
+        """The cases whose label map holds every class of dataset.json (read once, at the split)."""
+        import SimpleITK as sitk
+        wanted = {int(v) for v in labels.values() if not isinstance(v, list) and int(v) != 0}
+        def classes(case: str) -> set[int]:
+            seg = sitk.GetArrayViewFromImage(sitk.ReadImage(str(labels_dir / f"{case}{ending}")))
+            return set(np.unique(seg).tolist())
+
+        complete = [c for c in cases if wanted <= classes(c)]
+        self.say(f"--complete_cases: {len(complete)} of {len(cases)} cases hold all {len(wanted)} classes; the test "
+                 f"set and the k labeled cases come from them, the ceiling and the pool use every case")
+        return complete
+
     def write_splits(self) -> list[dict]:
         a, split = self.args, self.state["split"]
         folds_file = self.work / FOLDS_FILE
         existing = json.loads(folds_file.read_text())["folds"] if folds_file.is_file() else []
-        folds = build_folds(split["train"], split["val"], a.k, a.seeds, existing)
+        folds = build_folds(split["train"], split["val"], a.k, a.seeds, existing, split.get("labeled"))
         splits = splits_from_folds(folds)
         splits_file = self.pre_dataset / "splits_final.json"
         if not splits_file.is_file() or json.loads(splits_file.read_text()) != splits:
@@ -577,6 +595,10 @@ def main(argv=None) -> None:
     p.add_argument("--n_test", type=int, default=50, help="held-out test cases (default 50)")
     p.add_argument("--n_val", type=int, default=10, help="fixed validation cases (default 10)")
     p.add_argument("--split_seed", type=int, default=12345, help="seed of the test/validation draw (default 12345)")
+    p.add_argument("--complete_cases", action="store_true",
+                   help="draw the test set and the k labeled cases only from cases whose label map holds every "
+                        "class (for partially contoured datasets such as OpenKBP, where an organ not contoured is "
+                        "background)")
     p.add_argument("--extra_unlabeled", nargs="+", default=None, help="folders of unlabeled scans for the pool")
     p.add_argument("--labels_folder", default="labelsTr", help="label folder of SOURCE (default labelsTr)")
     p.add_argument("--dataset_json", default=None, help="dataset.json to use (default SOURCE/dataset.json)")

@@ -29,8 +29,14 @@ class BenchmarkError(RuntimeError):
     """A user-facing error: the message says what is wrong and what to do."""
 
 
-def split_cases(cases: list[str], n_test: int, n_val: int, seed: int) -> dict:
-    """Seeded partition of the labeled cases: {'test', 'val', 'train'} (train = every case not test or val)."""
+def split_cases(cases: list[str], n_test: int, n_val: int, seed: int, complete: list[str] | None = None) -> dict:
+    """Seeded partition of the labeled cases: {'test', 'val', 'train'} (train = every case not test or val).
+
+    complete: the cases whose label map holds every class (a partially contoured dataset leaves organs it did
+    not contour as background). When given, the test set is drawn from them only, so that no correct
+    prediction of an uncontoured organ is scored as a miss, and 'labeled' lists the complete training cases,
+    from which build_folds draws the k labeled cases.
+    """
     cases = sorted(cases)
     if len(set(cases)) != len(cases):
         twice = sorted({c for c in cases if cases.count(c) > 1})
@@ -41,9 +47,21 @@ def split_cases(cases: list[str], n_test: int, n_val: int, seed: int) -> dict:
     if n_test + n_val + 1 > len(cases):
         raise BenchmarkError(f"{len(cases)} labeled cases cannot hold {n_test} test + {n_val} validation cases and a "
                              f"training set. Fix: lower --n_test / --n_val.")
-    order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
-    return {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
-            "train": sorted(order[n_test + n_val:])}
+    if complete is None:
+        order = [cases[i] for i in np.random.default_rng(seed).permutation(len(cases))]
+        return {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
+                "train": sorted(order[n_test + n_val:])}
+    complete = sorted(set(complete) & set(cases))
+    if len(complete) < n_test + 2:
+        raise BenchmarkError(f"only {len(complete)} cases hold every class: too few for {n_test} test cases and "
+                             f"labeled draws. Fix: lower --n_test, or leave out --complete_cases.")
+    rng = np.random.default_rng(seed)
+    test = [complete[i] for i in rng.permutation(len(complete))[:n_test]]
+    rest = sorted(set(cases) - set(test))
+    order = [rest[i] for i in rng.permutation(len(rest))]
+    train = sorted(order[n_val:])
+    return {"test": sorted(test), "val": sorted(order[:n_val]), "train": train,
+            "labeled": sorted(set(train) & set(complete))}
 
 
 def fold_key(kind: str, k, seed: int) -> str:
@@ -51,7 +69,7 @@ def fold_key(kind: str, k, seed: int) -> str:
 
 
 def build_folds(train: list[str], val: list[str], ks: list[int], seeds: list[int],
-                existing: list[dict] = ()) -> list[dict]:
+                existing: list[dict] = (), labeled: list[str] | None = None) -> list[dict]:
     """Fold list for splits_final.json: the pretraining fold, one fold per (k, seed), one ceiling fold per seed.
 
     Fold 0 is the pretraining fold, with empty train and val: `nnunet_cl.pool.list_pool` excludes only a fold's
@@ -62,13 +80,18 @@ def build_folds(train: list[str], val: list[str], ks: list[int], seeds: list[int
     Folds already in `existing` (an earlier invocation) keep their index, new ones are appended, so finished runs
     stay valid when k or seeds are added later. For a seed, the k-draws are prefixes of one seeded order of the
     training cases (draw_order, fold 0): the k=2 set is inside the k=5 set. Validation is `val` for every fold.
+    labeled: the training cases the k-draws come from (split_cases' 'labeled'); default every training case.
+    The ceiling always trains on every training case.
     """
     if set(train) & set(val):
         raise BenchmarkError("validation cases inside the training candidates")
-    too_big = [k for k in ks if k > len(train) or k < 1]
+    draw_from = list(train) if labeled is None else sorted(labeled)
+    if set(draw_from) - set(train):
+        raise BenchmarkError("labeled candidates outside the training cases")
+    too_big = [k for k in ks if k > len(draw_from) or k < 1]
     if too_big:
-        raise BenchmarkError(f"k={too_big} impossible with {len(train)} training cases (outside test and validation). "
-                             f"Fix: smaller --k, or lower --n_test/--n_val.")
+        raise BenchmarkError(f"k={too_big} impossible with {len(draw_from)} training cases to draw from (outside test "
+                             f"and validation). Fix: smaller --k, or lower --n_test/--n_val.")
     folds = [dict(f) for f in existing] or [{"key": PRETRAIN_KEY, "kind": PRETRAIN_KEY, "k": 0, "seed": None,
                                                "fold": PRETRAIN_FOLD, "train": []}]
     index = {f["key"]: f for f in folds}
@@ -76,7 +99,7 @@ def build_folds(train: list[str], val: list[str], ks: list[int], seeds: list[int
         raise BenchmarkError(f"{FOLDS_FILE} has no pretraining fold {PRETRAIN_FOLD}. Fix: use a new --work.")
     wanted = []
     for seed in seeds:
-        order = draw_order(train, seed, 0)
+        order = draw_order(draw_from, seed, 0)
         for k in ks:
             wanted.append({"key": fold_key("k", k, seed), "kind": "k", "k": int(k), "seed": int(seed),
                            "train": order[:k]})

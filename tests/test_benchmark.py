@@ -37,6 +37,26 @@ def test_split_cases_is_a_seeded_partition():
         split_cases(CASES + ["case_003"], n_test=6, n_val=4, seed=1)
 
 
+def test_complete_cases_hold_the_test_set_and_the_labeled_draws():
+    complete = CASES[::3]  # 10 of 30 hold every class
+    s = split_cases(CASES, n_test=4, n_val=5, seed=1, complete=complete)
+    assert set(s["test"]) <= set(complete) and len(s["test"]) == 4 and len(s["val"]) == 5
+    assert set(s["test"]) | set(s["val"]) | set(s["train"]) == set(CASES) and len(s["train"]) == 21
+    assert s["labeled"] == sorted(set(s["train"]) & set(complete))
+    assert len(s["labeled"]) == len(complete) - 4 - len(set(s["val"]) & set(complete))
+    folds = build_folds(s["train"], s["val"], [2, 5], [0, 1], labeled=s["labeled"])
+    for f in folds:
+        if f["kind"] == "k":
+            assert set(f["train"]) <= set(s["labeled"])
+        elif f["kind"] == "ceiling":
+            assert f["train"] == s["train"]  # the ceiling keeps every training case, complete or not
+    assert split_cases(CASES, 6, 4, 1, complete=None) == split_cases(CASES, 6, 4, 1)  # unchanged without it
+    with pytest.raises(BenchmarkError, match="only 3 cases hold every class"):
+        split_cases(CASES, n_test=4, n_val=5, seed=1, complete=CASES[:3])
+    with pytest.raises(BenchmarkError, match="impossible"):
+        build_folds(s["train"], s["val"], [len(s["labeled"]) + 1], [0], labeled=s["labeled"])
+
+
 def test_folds_nested_fixed_val_ceiling_and_pretraining_fold():
     s = split_cases(CASES, 6, 4, 0)
     folds = build_folds(s["train"], s["val"], ks=[2, 5, 10], seeds=[0, 1, 2])
