@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_cl.benchmark_design import (BASE_PLANS, BENCH_PLANS, CEILING, CONFIG, DEFAULT_ARMS, FOLDS_FILE,
-                                        PRETRAIN_FOLD, QUICK_ARMS, BenchmarkError, build_folds, needs_preprocessing,
-                                        parse_arms, plan_runs, run_id, split_cases, splits_from_folds,
-                                        write_bench_plans)
+                                        PRETRAIN_FOLD, QUICK_ARMS, BenchmarkError, build_folds, complete_cases,
+                                        needs_preprocessing, parse_arms, plan_runs, run_id, split_cases,
+                                        splits_from_folds, write_bench_plans)
 from nnunet_cl.ext_path import ext_trainer_path
 from nnunet_cl.paths import save_json_atomic
 
@@ -325,16 +325,9 @@ class Bench:
             self.save_state()
 
     def complete_cases(self, labels_dir: Path, cases: list[str], ending: str, labels: dict) -> list[str]:
-        """The cases whose label map holds every class of dataset.json (read once, at the split)."""
-        import SimpleITK as sitk
-        wanted = {int(v) for v in labels.values() if not isinstance(v, list) and int(v) != 0}
-        def classes(case: str) -> set[int]:
-            seg = sitk.GetArrayViewFromImage(sitk.ReadImage(str(labels_dir / f"{case}{ending}")))
-            return set(np.unique(seg).tolist())
-
-        complete = [c for c in cases if wanted <= classes(c)]
-        self.say(f"--complete_cases: {len(complete)} of {len(cases)} cases hold all {len(wanted)} classes; the test "
-                 f"set and the k labeled cases come from them, the ceiling and the pool use every case")
+        complete = complete_cases(labels_dir, cases, ending, labels)
+        self.say(f"--complete_cases: {len(complete)} of {len(cases)} cases hold every class; the test set and the k "
+                 f"labeled cases come from them, the ceiling and the pool use every case")
         return complete
 
     def write_splits(self) -> list[dict]:

@@ -64,6 +64,18 @@ def split_cases(cases: list[str], n_test: int, n_val: int, seed: int, complete: 
             "labeled": sorted(set(train) & set(complete))}
 
 
+def complete_cases(labels_dir: Path, cases: list[str], ending: str, labels: dict) -> list[str]:
+    """The cases whose label map holds every class of dataset.json's `labels` (background and regions aside)."""
+    import SimpleITK as sitk
+    wanted = {int(v) for v in labels.values() if not isinstance(v, list) and int(v) != 0}
+
+    def classes(case: str) -> set[int]:
+        image = sitk.ReadImage(str(Path(labels_dir) / f"{case}{ending}"))  # kept: the view below borrows its memory
+        return set(np.unique(sitk.GetArrayViewFromImage(image)).tolist())
+
+    return [c for c in cases if wanted <= classes(c)]
+
+
 def fold_key(kind: str, k, seed: int) -> str:
     return f"{kind}:k={k}:seed={seed}"
 

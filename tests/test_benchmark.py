@@ -57,6 +57,19 @@ def test_complete_cases_hold_the_test_set_and_the_labeled_draws():
         build_folds(s["train"], s["val"], [len(s["labeled"]) + 1], [0], labeled=s["labeled"])
 
 
+def test_complete_cases_are_read_from_the_label_maps(tmp_path):
+    import numpy as np
+    import SimpleITK as sitk
+    from nnunet_cl.benchmark_design import complete_cases
+    for case, present in (("a", [1, 2, 3]), ("b", [1, 3]), ("c", [3, 2, 1, 0]), ("d", [])):
+        seg = np.zeros((4, 4, 4), np.uint8)
+        for i, c in enumerate(present):
+            seg[i, 0, 0] = c
+        sitk.WriteImage(sitk.GetImageFromArray(seg), str(tmp_path / f"{case}.nii.gz"))
+    labels = {"background": 0, "x": 1, "y": 2, "z": 3}
+    assert complete_cases(tmp_path, ["a", "b", "c", "d"], ".nii.gz", labels) == ["a", "c"]
+
+
 def test_folds_nested_fixed_val_ceiling_and_pretraining_fold():
     s = split_cases(CASES, 6, 4, 0)
     folds = build_folds(s["train"], s["val"], ks=[2, 5, 10], seeds=[0, 1, 2])
