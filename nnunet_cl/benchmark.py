@@ -43,27 +43,12 @@ SCHEDULE, QUICK_SCHEDULE = "clBench", "clBenchQuick"
 STATE_FILE, LOG_FILE, LOCK_FILE = "benchmark.json", "benchmark_log.txt", ".lock"
 # settings that define the dataset and its splits: a rerun in the same --work must not change them
 FIXED_SETTINGS = ("source", "labels_folder", "dataset_json", "dataset_id", "name", "n_test", "n_val", "split_seed",
-                  "complete_cases",
-                  "plans_variant")
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+                  "complete_cases", "plans_variant")
 
 
 class Bench:
+    """One benchmark in one --work folder: dataset, plans, pool, pretrainings, fine-tuning runs, report."""
+
     def __init__(self, args):
         self.args = args
         self.work = Path(args.work).resolve()
@@ -495,12 +480,6 @@ class Bench:
 
 # ------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-
-
-
-
 
 def _epoch_seconds(checkpoint: Path) -> float | None:
     """Sum of nnU-Net's logged epoch times (end - start) in a checkpoint: training only, no start-up/validation."""
