@@ -71,3 +71,13 @@ def save_json_atomic(obj, fname, indent: int = 4) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=indent, sort_keys=False)
     os.replace(tmp, fname)
+
+
+def load_plans(preprocessed_dataset_folder: str, plans_identifier: str, dataset: str | int) -> tuple[str, dict]:
+    """(plans file, plans) of a preprocessed dataset, or an error saying how to make them."""
+    plans_file = join(preprocessed_dataset_folder, plans_identifier + ".json")
+    if not os.path.isfile(plans_file):
+        raise NnUNetCLError(f"Plans {plans_file} not found. Fix: run nnUNetv2_plan_and_preprocess -d {dataset} "
+                            f"first, or pass the plans identifier with -p.")
+    with open(plans_file) as f:
+        return plans_file, json.load(f)

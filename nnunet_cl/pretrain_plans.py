@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from os.path import isfile, join
 
 import numpy as np
 
-from nnunet_cl.paths import NnUNetCLError, dataset_name, preprocessed_folder, save_json_atomic
+from nnunet_cl.paths import NnUNetCLError, dataset_name, load_plans, preprocessed_folder, save_json_atomic
 
 __all__ = ["SUFFIX", "network_divisor", "reduced_patch_size", "check_bottleneck", "pretrain_configuration",
            "add_pretrain_configuration", "write_pretrain_plans", "main_pretrain_plans"]
@@ -140,12 +139,7 @@ def write_pretrain_plans(dataset: str | int, plans_identifier: str = "nnUNetPlan
     Returns {'plans_file', 'name', 'entry', 'changed', 'source_patch', 'source_batch', 'divisor'}.
     """
     folder = preprocessed_folder(dataset)
-    plans_file = join(folder, plans_identifier + ".json")
-    if not isfile(plans_file):
-        raise NnUNetCLError(f"Plans {plans_file} not found. Fix: run nnUNetv2_plan_and_preprocess -d {dataset} "
-                            f"first, or pass the plans identifier with -p.")
-    with open(plans_file) as f:
-        plans = json.load(f)
+    plans_file, plans = load_plans(folder, plans_identifier, dataset)
     name, entry, changed = add_pretrain_configuration(plans, source, name, patch, batch, overwrite)
     if changed:
         save_json_atomic(plans, plans_file)

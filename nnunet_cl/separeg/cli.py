@@ -12,15 +12,14 @@ Labels are never read.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections import Counter
-from os.path import isdir, isfile, join
+from os.path import isdir, join
 
 import numpy as np
 
-from nnunet_cl.paths import NnUNetCLError, dataset_name, require_env
+from nnunet_cl.paths import NnUNetCLError, dataset_name, load_plans, require_env
 from nnunet_cl.separeg.defaults import SEPARATION_DEFAULTS
 
 __all__ = ["preview", "main"]
@@ -86,12 +85,7 @@ def preview(dataset: str | int, out_png: str, configuration: str = "3d_fullres",
 
     name = dataset_name(dataset)
     folder = join(require_env("nnUNet_preprocessed"), name)
-    plans_file = join(folder, plans_identifier + ".json")
-    if not isfile(plans_file):
-        raise NnUNetCLError(f"plans {plans_file} not found. Fix: run nnUNetv2_plan_and_preprocess -d {dataset} "
-                            f"(or pass the right -p).")
-    with open(plans_file) as f:
-        plans = json.load(f)
+    _, plans = load_plans(folder, plans_identifier, dataset)
     config = _configuration(plans, configuration)
     data_identifier, spacing = config["data_identifier"], [float(s) for s in config["spacing"]]
     if len(spacing) != 3:
