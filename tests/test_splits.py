@@ -143,3 +143,12 @@ def test_cli(dataset, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["nnUNetv2_cl_limited_split", "-d", "Dataset999_Nope", "-k", "3"])
     with pytest.raises(SystemExit, match="error: Dataset 'Dataset999_Nope' does not exist"):
         main_limited_split()
+
+
+def test_load_plans_reads_them_or_says_how_to_make_them(tmp_path):
+    from nnunet_cl.paths import NnUNetCLError, load_plans, save_json_atomic
+    with pytest.raises(NnUNetCLError, match="nnUNetv2_plan_and_preprocess -d 7"):
+        load_plans(str(tmp_path), "nnUNetPlans", 7)
+    save_json_atomic({"plans_name": "nnUNetPlans", "configurations": {}}, tmp_path / "nnUNetPlans.json")
+    plans_file, plans = load_plans(str(tmp_path), "nnUNetPlans", 7)
+    assert plans_file == str(tmp_path / "nnUNetPlans.json") and plans["plans_name"] == "nnUNetPlans"
