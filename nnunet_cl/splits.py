@@ -24,7 +24,7 @@ from os.path import isdir, isfile, join
 
 import numpy as np
 
-from nnunet_cl.paths import NnUNetCLError, preprocessed_folder, save_json_atomic as _save_json
+from nnunet_cl.paths import NnUNetCLError, preprocessed_folder, save_json_atomic
 
 SPLITS_FILE = "splits_final.json"
 LIMITED_FILE = "splits_limited.json"
@@ -181,8 +181,8 @@ def write_limited_splits(preprocessed_dataset_folder: str, k: int | None = None,
             i += 1
             backup = f"{splits_file}.bak_{stamp}_{i}"
         shutil.copy2(splits_file, backup)
-    _save_json(limited, splits_file)
-    _save_json({
+    save_json_atomic(limited, splits_file)
+    save_json_atomic({
         "k": k, "fraction": fraction, "seed": seed, "num_folds": num_folds, "k_per_fold": k_per_fold,
         "unused_train": unused, "backup_of_previous_splits": backup,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
