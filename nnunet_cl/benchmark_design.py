@@ -17,9 +17,11 @@ BASE_PLANS = "nnUNetPlans"
 BENCH_PLANS = "nnUNetPlans_clBench"  # with --patch/--batch_size/--width: same preprocessed data, smaller training
 SCRATCH, CEILING = "scratch", "ceiling"
 # arm name -> pretraining trainer (its schedule class is '<trainer>_<schedule>'); None: no pretraining
-KNOWN_ARMS = {SCRATCH: None, "simclr": "nnUNetTrainerSimCLRPretrain", "separeg": "nnUNetTrainerSepaRegPretrain",
-              "polycl": "nnUNetTrainerPolyCLPretrain", CEILING: None}
-DEFAULT_ARMS = list(KNOWN_ARMS)
+METHOD_ARMS = {"simclr": "nnUNetTrainerSimCLRPretrain", "separeg": "nnUNetTrainerSepaRegPretrain",
+               "polycl": "nnUNetTrainerPolyCLPretrain"}
+DEFAULT_ARMS = [SCRATCH, *METHOD_ARMS, CEILING]
+# '<arm>5x': the same method with 5 times the pretraining steps (trainers/benchmark.py LONG_PRETRAIN); on request
+KNOWN_ARMS = {SCRATCH: None, **METHOD_ARMS, CEILING: None, **{f"{a}5x": f"{t}5x" for a, t in METHOD_ARMS.items()}}
 QUICK_ARMS = [a for a in DEFAULT_ARMS if a != CEILING]  # --quick is a first look at one k: no all-labels run
 PRETRAIN_KEY, PRETRAIN_FOLD = "pretrain", 0
 FOLDS_FILE = "benchmark_folds.json"

@@ -152,3 +152,28 @@ def test_attribute_variant_sets_only_known_attributes(nnunet_env):
     typo = attribute_variant(nnUNetTrainerSimCLR, "nnUNetTrainerSimCLR_typo", __name__, pretrain_epoch=3)
     with pytest.raises(AttributeError, match="no attribute 'pretrain_epoch'"):
         typo(tiny_plans(), "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))
+
+
+def test_long_pretraining_arms_scale_only_the_stage_lengths(nnunet_env):
+    """'<method>5x' arms: the same method and schedule with 5 times each pretraining stage; k, batch size and
+    iterations per epoch stay, so the arm differs from its short twin only in pretraining steps."""
+    from nnunet_cl.benchmark_design import DEFAULT_ARMS, KNOWN_ARMS, parse_arms
+    from nnunet_cl_trainers import benchmark as bench
+    fake_preprocessed_folder(nnunet_env, "Dataset997_Tiny")
+    for method, pretrainer in KNOWN_ARMS.items():
+        if not method.endswith("5x"):
+            continue
+        base = pretrainer[:-2]
+        for suffix in bench.SCHEDULES:
+            short, long = (getattr(bench, f"{p}_{suffix}")(dict(tiny_plans(), continue_training=False), "3d_fullres",
+                                                           0, dict(DATASET_JSON), torch.device("cpu"))
+                           for p in (base, pretrainer))
+            stages = bench.SCHEDULES[suffix]["pretrain"][base]
+            assert any(k.endswith("_epochs") for k in stages)
+            for key, value in stages.items():
+                assert getattr(short, key) == value
+                assert getattr(long, key) == (bench.LONG_PRETRAIN * value if key.endswith("_epochs") else value)
+            assert long.pretrain_iterations_per_epoch == short.pretrain_iterations_per_epoch
+            assert long.finetune_epochs == short.finetune_epochs == 0
+    assert parse_arms(["separeg5x"]) == [("separeg5x", "nnUNetTrainerSepaRegPretrain5x")]
+    assert not any(a.endswith("5x") for a in DEFAULT_ARMS)  # on request only

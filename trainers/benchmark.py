@@ -182,27 +182,40 @@ class nnUNetTrainer_clBenchCT(nnUNetTrainer_clBench, nnUNetTrainerDiceCELoss_noS
 
 
 def pretrain_schedule(base: type, attrs: dict, suffix: str = "clBench", iterations: int | None = None,
-                      module: str = __name__) -> type:
-    """Subclass `<base>_<suffix>` of a pretraining-only trainer that only sets its stage lengths (`attrs`).
+                      module: str = __name__, prefix: str | None = None) -> type:
+    """Subclass `<prefix>_<suffix>` of a pretraining-only trainer that only sets its stage lengths (`attrs`).
 
     iterations: per pretraining epoch (default: the schedule's). `module` must be the module whose namespace
-    receives the class (for pickling by nnU-Net's workers).
+    receives the class (for pickling by nnU-Net's workers). prefix: default the base's name.
     """
     if iterations is None:
         iterations = SCHEDULES[suffix]["pretrain_iterations"]
+    prefix = prefix or base.__name__
 
     text = ", ".join(f"{k}={v}" for k, v in attrs.items())
     doc = (f"{base.__name__} on the pool only ({text}; {iterations} iterations per epoch): its "
            f"checkpoint_final.pth goes to nnUNetTrainer_{suffix} -pretrained_weights.")
     # save_every 1: checkpoint_latest after every epoch, so an interrupted benchmark resumes with --c
-    return attribute_variant(base, f"{base.__name__}_{suffix}", module, doc, **attrs,
+    return attribute_variant(base, f"{prefix}_{suffix}", module, doc, **attrs,
                              pretrain_iterations_per_epoch=iterations, finetune_epochs=0, save_every=1)
+
+
+def scale_epochs(attrs: dict, factor: int) -> dict:
+    """The stage lengths (`*_epochs`) times factor; everything else (k, batch size) as it is."""
+    return {k: v * factor if k.endswith("_epochs") else v for k, v in attrs.items()}
+
+
+# The '<Method>Pretrain5x' arms: the same method and the same fine-tuning with 5 times the pretraining steps, to
+# measure whether the short pretraining of the schedules is what limits the gain (docs/benchmarks.md).
+LONG_PRETRAIN = 5
 
 
 def _define(base: type) -> None:
     for suffix, schedule in SCHEDULES.items():
-        cls = pretrain_schedule(base, schedule["pretrain"][base.__name__], suffix)
-        globals()[cls.__name__] = cls
+        attrs = schedule["pretrain"][base.__name__]
+        for prefix, factor in ((base.__name__, 1), (f"{base.__name__}{LONG_PRETRAIN}x", LONG_PRETRAIN)):
+            cls = pretrain_schedule(base, scale_epochs(attrs, factor), suffix, prefix=prefix)
+            globals()[cls.__name__] = cls
 
 
 for _base in (nnUNetTrainerSimCLRPretrain, nnUNetTrainerSepaRegPretrain, nnUNetTrainerPolyCLPretrain):
