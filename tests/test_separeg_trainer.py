@@ -140,6 +140,34 @@ def test_kmeans_of_base_embeddings_is_stable(make_trainer):
     assert abs(np.corrcoef(kinds, first)[0, 1]) > 0.9
 
 
+def test_kmeans_clusters_the_projections_unless_told_pooled(make_trainer):
+    t = make_trainer()
+    x = torch.from_numpy(synthetic_regions()).float() / 255
+    pooled, projected = (e.shape[1] for e in t.embed(t._online(), x))
+    assert t.region_embeddings().shape == (16, projected) == (16, t.projection_dim)  # the authors' code
+    t.cluster_features = "pooled"
+    assert t.region_embeddings().shape == (16, pooled) and pooled != projected
+    t.cluster_features = "pool"
+    with pytest.raises(ValueError, match="'projection' or 'pooled'"):
+        t.region_embeddings()
+
+
+def test_distillation_gives_every_cluster_the_same_blocks(make_trainer):
+    t = make_trainer()
+    for epoch in range(5):
+        go_to(t, epoch)
+    assert t.phase() == DISTILL
+    skewed = np.array([0] * 30 + [1] * 3 + [2] * 3)  # one large pseudo-organ, two small ones
+    t.sepa.assignments = None
+    t.set_regions(synthetic_regions(36), ["synthetic"])  # 36 crops, 6 per block: 2 blocks per cluster a pass
+    t.sepa.assignments = skewed
+    experts = [t.next_region_batch()["expert"] for _ in range(6)]
+    assert sorted(experts) == [0, 0, 1, 1, 2, 2]
+    t.distill_balanced, t.sepa.blocks = False, None  # proportional: the large cluster takes 5 of 7 blocks
+    experts = [t.next_region_batch()["expert"] for _ in range(7)]
+    assert sorted(experts) == [0] * 5 + [1, 2]
+
+
 def test_simsiam_steps_on_a_fixed_batch_lower_the_loss(make_trainer):
     t = make_trainer()
     go_to(t, 0)

@@ -130,6 +130,9 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         # intra- and inter-organ distillation (IID)
         self.k = 4
         self.kmeans_seed = 0
+        self.cluster_features = "projection"  # what k-means clusters: 'projection' (authors' code) or 'pooled'
+        self.distill_balanced = True  # every cluster the same number of distillation blocks per pass, as the
+        # authors' batches hold one block per expert; False: blocks in proportion to cluster size
         self.embed_batch_size = 64
         self.distill_loss = "cosine"  # 'cosine' (regression of the expert's projection) or 'kl'
         self.distill_temperature = 0.1  # KL variant
@@ -421,7 +424,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             st.working = ("student", None)
             self.print_to_log_file(f"SepaReg: distilling {self.n_experts} frozen experts into the student "
                                    f"(initialised from the base), {self.regions_per_step} regions of one cluster per "
-                                   f"step")
+                                   f"step, clusters {'balanced' if self.distill_balanced else 'by size'}")
 
     def _stash_expert(self):
         st = self.sepa
@@ -430,7 +433,11 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
 
     @torch.no_grad()
     def region_embeddings(self, branch=None) -> np.ndarray:
-        """Pooled features of every cached crop (no augmentation), float32 (N, C)."""
+        """Embeddings of every cached crop (no augmentation), float32 (N, D): the projections, or the pooled
+        features with cluster_features = 'pooled'."""
+        if self.cluster_features not in ("projection", "pooled"):
+            raise ValueError(f"cluster_features must be 'projection' or 'pooled', not {self.cluster_features!r}")
+        which = 1 if self.cluster_features == "projection" else 0
         branch = self._online() if branch is None else branch
         was_training = [m.training for m in branch.values()]
         for m in branch.values():
@@ -439,7 +446,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         try:
             for start in range(0, len(self.sepa.regions), self.embed_batch_size):
                 x = self._crops_tensor(np.arange(start, min(start + self.embed_batch_size, len(self.sepa.regions))))
-                out.append(self.embed(branch, x)[0].float().cpu())
+                out.append(self.embed(branch, x)[which].float().cpu())
         finally:
             for m, t in zip(branch.values(), was_training):
                 m.train(t)
@@ -454,7 +461,8 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         assignments, centroids = kmeans_regions(emb, self.k, seed=self.kmeans_seed)
         self.sepa.assignments, self.sepa.centroids = assignments, centroids
         sizes = np.bincount(assignments, minlength=len(centroids))
-        self.print_to_log_file(f"SepaReg: k-means of {len(emb)} region embeddings into {len(centroids)} clusters "
+        self.print_to_log_file(f"SepaReg: k-means of {len(emb)} region embeddings ({self.cluster_features}) into "
+                               f"{len(centroids)} clusters "
                                f"(sizes {sizes.tolist()}) in {time.time() - t0:.1f} s")
 
     # ------------------------------------------------------------------------------------------ data
@@ -526,14 +534,22 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             idx = self._rng.choice(members, size=b, replace=members.size < b)
         elif phase == DISTILL:
             idx = next(st.blocks, None) if st.blocks is not None else None
-            if idx is None:  # a new epoch of blocks, one cluster each
-                st.blocks = expert_blocks(st.assignments, b, self._rng)
+            if idx is None:  # a new pass of blocks, one cluster each
+                st.blocks = expert_blocks(st.assignments, b, self._rng, blocks_per_cluster=self._blocks_per_cluster())
                 idx = next(st.blocks)
             expert = int(st.assignments[idx[0]])
         else:
             raise RuntimeError(f"no region batches in phase {phase}")
         idx = np.sort(idx)
         return {"data": self._crops_tensor(idx), "phase": phase, "expert": expert, "index": idx}
+
+    def _blocks_per_cluster(self) -> int | None:
+        """Balanced distillation: as many blocks in a pass as proportional sampling would give, split evenly
+        over the clusters (None: proportional)."""
+        if not self.distill_balanced:
+            return None
+        n_clusters = len(np.unique(self.sepa.assignments))
+        return max(1, round(len(self.sepa.assignments) / (n_clusters * self.regions_per_step)))
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def cl_extra_state(self) -> dict:
