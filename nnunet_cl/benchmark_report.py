@@ -69,10 +69,24 @@ def aggregate(runs: list[dict]) -> tuple[list[dict], list[str], dict]:
                       if arm not in (SCRATCH, CEILING) and (k, r["seed"]) in scratch
                       and r["mean_fg_dice"] is not None and scratch[(k, r["seed"])] is not None]
             row["delta_scratch"] = _stats(paired)
-            for key in ("finetune", "predict", "pretrain"):
+            row["resumed_seeds"] = [r["seed"] for r in group if r.get("resumed")]
+            for key in ("predict", "pretrain"):
                 row[f"{key}_s"] = _stats([r["wall_s"].get(key) for r in group])[0]
+            row["finetune_s"] = _stats([finetune_seconds(r) for r in group])[0]
             rows.append(row)
     return rows, classes, labels
+
+
+def finetune_seconds(run: dict) -> float | None:
+    """Fine-tuning time of a run: its wall time, or for a run resumed with --c (whose wall time covers only the
+    part after the resume) the sum of nnU-Net's epoch times over all its epochs."""
+    if run.get("resumed"):
+        return run.get("finetune_epochs_s")
+    return run["wall_s"].get("finetune")
+
+
+def resumed_runs(rows) -> list[str]:
+    return [f"{r['arm']} k={r['k']} seed {s}" for r in rows for s in r.get("resumed_seeds", [])]
 
 
 def prediction_settings(run: dict) -> str:
@@ -96,6 +110,11 @@ def markdown_table(rows, classes, labels, skipped: dict | None = None, predicted
                  "scratch on the same k and seed, averaged over seeds. Wall times are per run; pretraining runs "
                  "once per method and serves every k and seed (where an earlier invocation finished it, the "
                  "sum of nnU-Net's epoch times stands in for its wall time)."]
+    resumed = resumed_runs(rows)
+    if resumed:
+        notes.append(f"- resumed after an interruption (nnU-Net --c): {', '.join(resumed)}. Such a run continues on "
+                     f"an augmentation stream of its own, so it is paired with the other arms of its k and seed only "
+                     f"up to the epoch it resumed at; its fine-tuning time is the sum of nnU-Net's epoch times.")
     for arm, why in sorted((skipped or {}).items()):
         notes.append(f"- skipped arm **{arm}**: {why}")
     if predicted_with and len(predicted_with) > 1:
@@ -109,7 +128,7 @@ def write_csv(rows, classes, labels, path) -> None:
     for c in classes:
         fields += [f"dice_{labels.get(c, c)}_mean", f"dice_{labels.get(c, c)}_std"]
     fields += ["mean_fg_dice_mean", "mean_fg_dice_std", "delta_vs_scratch_mean", "delta_vs_scratch_std",
-               "finetune_s_mean", "predict_s_mean", "pretrain_s"]
+               "finetune_s_mean", "predict_s_mean", "pretrain_s", "resumed_seeds"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(fields)
@@ -118,12 +137,14 @@ def write_csv(rows, classes, labels, path) -> None:
             for c in classes:
                 vals += list(r["per_class"][c][:2])
             vals += list(r["mean_fg"][:2]) + list(r["delta_scratch"][:2])
-            vals += [r["finetune_s"], r["predict_s"], r["pretrain_s"]]
+            vals += [r["finetune_s"], r["predict_s"], r["pretrain_s"], " ".join(map(str, r["resumed_seeds"]))]
             w.writerow(["" if isinstance(v, float) and math.isnan(v) else
                         (round(v, 5) if isinstance(v, float) else v) for v in vals])
 
 
-def plot(rows, path, title: str = "") -> None:
+def plot(rows, path, title: str = "") -> dict:
+    """Draw the PNG; returns what the axes hold, read back from them: {label: (x, y)} of every curve and
+    horizontal line, and the Dice axis limits."""
     import matplotlib
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
@@ -173,11 +194,17 @@ def plot(rows, path, title: str = "") -> None:
     fig.text(0.01, 0.01, "error bars / band: std over seeds", fontsize=9, color="0.35")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path)
+    drawn = {c.get_label(): (list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata())) for c in ax.containers}
+    drawn.update({ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.lines
+                  if not ln.get_label().startswith("_")})
+    ylim = ax.get_ylim()
     plt.close(fig)
+    return {"curves": drawn, "ylim": ylim}
 
 
 def write_report(runs_dir, out_dir, skipped: dict | None = None, title: str = "", suffix: str = "") -> dict | None:
-    """Write results<suffix>.md, .csv and dice_vs_labels<suffix>.png into out_dir; None when no run has finished."""
+    """Write results<suffix>.md, .csv and dice_vs_labels<suffix>.png into out_dir and return their paths ('md',
+    'csv', 'png') and what the plot drew ('drawn', see plot); None when no run has finished."""
     runs = load_runs(runs_dir)
     if not runs:
         return None
@@ -194,5 +221,5 @@ def write_report(runs_dir, out_dir, skipped: dict | None = None, title: str = ""
     table = markdown_table(rows, classes, labels, skipped, {prediction_settings(r) for r in runs})
     paths["md"].write_text(f"{title}\n\n{table}" if title else table)
     write_csv(rows, classes, labels, paths["csv"])
-    plot(rows, paths["png"], title)
-    return {k: str(v) for k, v in paths.items()}
+    drawn = plot(rows, paths["png"], title)
+    return {**{k: str(v) for k, v in paths.items()}, "drawn": drawn}

@@ -256,6 +256,15 @@ def test_table_and_plot_from_run_files(tmp_path):
     assert float(rows[0]["mean_fg_dice_mean"]) == pytest.approx(0.6) and rows[1]["mean_fg_dice_std"] == ""
     from PIL import Image
     assert Image.open(paths["png"]).size[0] >= 800
+    # the plot, read back from its axes: one curve per arm at its k values, the ceiling as a line, all in view
+    curves, (lo, hi) = paths["drawn"]["curves"], paths["drawn"]["ylim"]
+    scratch = next(v for label, v in curves.items() if label.startswith("scratch"))
+    simclr = next(v for label, v in curves.items() if label.startswith("simclr"))
+    ceiling = next(v for label, v in curves.items() if label.startswith("ceiling"))
+    assert scratch[1] == pytest.approx([0.6, 0.7]) and simclr[1] == pytest.approx([0.7])
+    assert sorted(round(x) for x in scratch[0]) == [2, 5]  # arms are nudged apart on the log axis, not moved
+    assert ceiling[1] == pytest.approx([0.85, 0.85])  # axhline: a line across the axes at that Dice
+    assert lo <= 0.6 - 0.071 and hi >= 0.85 and hi - lo >= 0.1
     assert write_report(tmp_path / "empty", tmp_path) is None
     # a pretraining finished by an earlier invocation has no wall time: nnU-Net's epoch times stand in
     (runs / "pretrain__simclr.json").write_text(json.dumps({"arm": "simclr", "wall_s": None, "epochs_s": 300.0}))
@@ -266,6 +275,14 @@ def test_table_and_plot_from_run_files(tmp_path):
     (runs / "scratch__k5__seed0.json").write_text(json.dumps({**records[4], "step_size": 1.0}))
     md = Path(write_report(runs, tmp_path)["md"]).read_text()
     assert "runs were predicted with different settings** (step 0.5, no mirroring, step 1.0, no mirroring)" in md
+    # a run resumed with --c: named as not fully paired; its time is nnU-Net's epoch times, not the wall time
+    (runs / "simclr__k2__seed1.json").write_text(json.dumps({**records[3], "resumed": True,
+                                                             "finetune_epochs_s": 300.0}))
+    paths = write_report(runs, tmp_path)
+    md = Path(paths["md"]).read_text()
+    assert "resumed after an interruption (nnU-Net --c): simclr k=2 seed 1" in md
+    assert "| 0.100 ± 0.000 | 3.5 | 0.5 | 5.0 |" in md  # (120 s wall + 300 s of epochs) / 2
+    assert [r["resumed_seeds"] for r in csv.DictReader(open(paths["csv"])) if r["arm"] == "simclr"] == ["1"]
 
 
 def test_augmenter_seeds_fresh_resumed_and_per_rank():
