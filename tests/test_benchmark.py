@@ -404,6 +404,34 @@ def test_rerun_skips_finished_runs(bench, tmp_path):
     assert proc.returncode != 0 and "n_test: 2 -> 3" in proc.stderr
 
 
+def test_interrupted_training_resumes_with_c(bench):
+    """A fine-tuning stopped after epoch 1 of 2 (its checkpoint_latest.pth, no final) continues with nnU-Net's --c
+    and without -pretrained_weights (nnU-Net refuses both; the checkpoint holds them); the run is marked resumed
+    and the table says it is paired only up to that epoch."""
+    import torch
+    work, runs = bench["work"], bench["work"] / "runs" / "clBenchTest"
+    folder = next((work / "nnUNet_results" / "simclr").glob("Dataset950_Phantom/nnUNetTrainer_clBenchTest__*/fold_*"))
+    final = folder / "checkpoint_final.pth"
+    ckpt = torch.load(final, map_location="cpu", weights_only=False)
+    ckpt["current_epoch"] = 1  # what nnU-Net saves as checkpoint_latest after the first of two epochs
+    torch.save(ckpt, folder / "checkpoint_latest.pth")
+    final.unlink()
+    (runs / "simclr__k2__seed0.json").unlink()
+    log_size = (work / "benchmark_log.txt").stat().st_size
+    proc = subprocess.run(bench["cmd"], env=bench["env"], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    with open(work / "benchmark_log.txt") as f:
+        f.seek(log_size)
+        train = [line for line in f.read().splitlines() if line.startswith("$ nnUNetv2_train")]
+    assert len(train) == 1 and train[0].endswith("--c") and "-pretrained_weights" not in train[0]
+    assert final.is_file() and not (folder / "checkpoint_latest.pth").exists()
+    record = json.loads((runs / "simclr__k2__seed0.json").read_text())
+    assert record["resumed"] is True and record["finetune_epochs_s"] > 0
+    md = (work / "results_clBenchTest.md").read_text()
+    assert "resumed after an interruption (nnU-Net --c): simclr k=2 seed 0" in md
+
+
 def test_finetuning_is_seeded_by_fold_so_arms_are_paired(bench, tmp_path):
     """Retraining the scratch run's fold reproduces its weights exactly: every arm of a fold starts from the same
     random decoder and sees the same augmented batches; only the pretrained weights differ."""
