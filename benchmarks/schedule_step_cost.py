@@ -15,7 +15,7 @@ timed steps after one warm-up step.
 
 Usage:
   python benchmarks/schedule_step_cost.py --work /work/bench_hippocampus --schedule clBench --steps 5 \
-      --out docs/results/step_cost_clBench_hippocampus.md
+      --out benchmarks/results/step_cost_clBench_hippocampus.md
 """
 import argparse
 import json
