@@ -84,8 +84,10 @@ def main():
     region = sepa_in_phase(cls["nnUNetTrainerSepaRegPretrain"], folder, BENCH_PLANS, "region")
     crops = (region.sepa.regions, region.sepa.region_cases, region.sepa.region_case, region.sepa.region_id)
     load_s = time.perf_counter() - t0
-    sepa = lambda phase, **kw: sepa_in_phase(cls["nnUNetTrainerSepaRegPretrain"], folder, BENCH_PLANS,  # noqa: E731
-                                             phase, crops, **kw)
+
+    def sepa(phase: str, **attrs):  # another SepaReg trainer on the same crops, loaded once
+        return sepa_in_phase(cls["nnUNetTrainerSepaRegPretrain"], folder, BENCH_PLANS, phase, crops, **attrs)
+
     trainers = {
         f"nnUNetTrainer_{s} (fine-tuning, every arm)": (build(getattr(bench, f"nnUNetTrainer_{s}"), folder,
                                                               BENCH_PLANS), fake_batch),

@@ -86,6 +86,7 @@ def finetune_seconds(run: dict) -> float | None:
 
 
 def resumed_runs(rows) -> list[str]:
+    """'arm k=K seed S' of every run resumed with --c, for the note under the table."""
     return [f"{r['arm']} k={r['k']} seed {s}" for r in rows for s in r.get("resumed_seeds", [])]
 
 
