@@ -7,6 +7,7 @@ and SimCLR arms at k=2 with one seed, plus an arm whose trainer does not exist (
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -425,6 +426,10 @@ def test_interrupted_training_resumes_with_c(bench):
         f.seek(log_size)
         train = [line for line in f.read().splitlines() if line.startswith("$ nnUNetv2_train")]
     assert len(train) == 1 and train[0].endswith("--c") and "-pretrained_weights" not in train[0]
+    with open(work / "benchmark_log.txt") as f:  # nnU-Net trained the missing epoch only
+        f.seek(log_size)
+        epochs = re.findall(r": Epoch (\d+)\s*$", f.read(), flags=re.M)
+    assert epochs == ["1"], epochs
     assert final.is_file() and not (folder / "checkpoint_latest.pth").exists()
     record = json.loads((runs / "simclr__k2__seed0.json").read_text())
     assert record["resumed"] is True and record["finetune_epochs_s"] > 0
@@ -451,3 +456,59 @@ def test_finetuning_is_seeded_by_fold_so_arms_are_paired(bench, tmp_path):
     assert first.keys() == again.keys()
     for key in first:
         assert torch.equal(first[key], again[key]), key
+
+
+PAIRING = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[5])
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+from benchmark_test_trainers import nnUNetTrainer_clBenchTest
+pre, fold, weights, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+plans = json.load(open(f"{pre}/nnUNetPlans_clBench.json"))
+dataset_json = json.load(open(f"{pre}/dataset.json"))
+found = {}
+for arm, ckpt in (("scratch", None), ("simclr", weights)):
+    t = nnUNetTrainer_clBenchTest(dict(plans, continue_training=False), "3d_fullres", fold, dataset_json,
+                                  torch.device("cpu"))
+    t.initialize()
+    if ckpt:  # as nnUNetv2_train -pretrained_weights: after initialize, before the data loaders
+        load_pretrained_weights(t.network, ckpt)
+    train, val = t.get_dataloaders()
+    batches = [next(train) for _ in range(2)]
+    for loader in (train, val):
+        loader._finish()
+    found[arm] = {"weights": t.network.state_dict(), "batches": batches}
+torch.save(found, out)
+"""
+
+
+def test_arms_of_a_fold_share_batches_and_segmentation_layers(bench, tmp_path):
+    """Scratch and a contrastive arm on the same fold draw identical augmented batches and identical random
+    segmentation layers; the encoder and decoder are the pretraining checkpoint's (nnU-Net's -pretrained_weights
+    transfers all but the segmentation layers), so those are what differ between arms."""
+    import torch
+    work = bench["work"]
+    fold = json.loads((work / "runs" / "clBenchTest" / "scratch__k2__seed0.json").read_text())["fold"]
+    ckpt = next((work / "nnUNet_results" / "simclr").glob(
+        "Dataset950_Phantom/nnUNetTrainerSimCLRPretrain_clBenchTest__*/fold_*/checkpoint_final.pth"))
+    env = dict(bench["env"], nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
+               nnUNet_results=str(tmp_path / "results"), nnUNet_compile="0")
+    out = tmp_path / "pairing.pt"
+    proc = subprocess.run([sys.executable, "-c", PAIRING, str(work / "nnUNet_preprocessed" / "Dataset950_Phantom"),
+                           str(fold), str(ckpt), str(out), str(TESTS / "ext_trainers")],
+                          env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    found = torch.load(out, weights_only=False)
+    scratch, simclr = found["scratch"], found["simclr"]
+    for a, b in zip(scratch["batches"], simclr["batches"]):
+        assert torch.equal(a["data"], b["data"])
+        assert all(torch.equal(x, y) for x, y in zip(a["target"], b["target"]))
+    assert not torch.equal(scratch["batches"][0]["data"], scratch["batches"][1]["data"])
+    pretrained = torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"]
+    seg = [k for k in scratch["weights"] if ".seg_layers." in k]
+    assert seg and all(torch.equal(scratch["weights"][k], simclr["weights"][k]) for k in seg)
+    for key, value in simclr["weights"].items():
+        if key not in seg:
+            assert torch.equal(value, pretrained[key]), key
+    assert not torch.equal(scratch["weights"]["encoder.stages.0.0.convs.0.conv.weight"],
+                           simclr["weights"]["encoder.stages.0.0.convs.0.conv.weight"])

@@ -247,6 +247,7 @@ def test_pretrain_only_checkpoint_is_a_full_network(make_trainer, tmp_path):
     t.save_checkpoint(str(tmp_path / "final.pth"))
     ckpt = torch.load(tmp_path / "final.pth", weights_only=False)
     assert ckpt["network_weights"].keys() == t.network.state_dict().keys()
+    assert all(v.shape == t.network.state_dict()[k].shape for k, v in ckpt["network_weights"].items())
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -373,3 +374,15 @@ def test_byol_pretraining_reuses_the_cache_and_loads_as_pretrained_weights(kbp, 
     ok = run(["nnUNetv2_cl_check_pretrained", "-d", DATASET_ID, "-c", "3d_fullres", "-pretrained_weights", str(ckpt)],
              kbp["env"])
     assert ok.stdout.startswith("OK")
+    # what `nnUNetv2_train D 3d_fullres F -pretrained_weights` does, into a plain nnUNetTrainer's network
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    pm = PlansManager(json.loads((kbp["pp"] / "nnUNetPlans.json").read_text()))
+    labels = json.loads((kbp["pp"] / "dataset.json").read_text())["labels"]
+    net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, len(labels), True)
+    load_pretrained_weights(net, str(ckpt))
+    pretrained = torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"]
+    for key, value in net.state_dict().items():
+        if ".seg_layers." not in key:
+            assert torch.equal(value, pretrained[key]), key

@@ -53,7 +53,8 @@ SCHEDULES = {
             "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 6},
         },
     },
-    # OpenKBP-sized CT (docs/benchmarks.md "OpenKBP"): patch 32x64x32 with a 4-stage network (--plan_network)
+    # OpenKBP-sized CT (docs/benchmarks.md "OpenKBP"): 2x spacing, patch 32x48x32, the 4-stage network nnU-Net
+    # plans for it (--spacing_factor 2 --patch 32 48 32 --plan_network)
     "clBenchCT": {
         # 4000 steps (with the noSmooth loss below, scratch at k = 5 leaves background only near the end of them)
         "finetune": (160, 25, 2),
@@ -111,8 +112,10 @@ class nnUNetTrainer_clBench(nnUNetTrainer):
 
     Training is nnUNetTrainer's, with fewer epochs and iterations, and two changes:
     - it is seeded (`training_seed`, default: the fold). The benchmark gives every arm the same fold for the same
-      (k, seed), so all arms start from the same random decoder, see the same patches in the same order with the
-      same augmentation, and differ only in the pretrained weights (paired runs: less noise between arms). With
+      (k, seed), so all arms start from the same random segmentation layers, see the same patches in the same
+      order with the same augmentation, and differ only in the weights `-pretrained_weights` transfers: encoder and
+      decoder, the latter being the pretraining run's own random initialisation, as every method here trains only
+      the encoder (paired runs: less noise between arms). With
       nnUNet_n_proc_DA = 1 (the benchmark's default) or 0 the run is repeatable on CPU; with more workers nnU-Net
       takes batches in whichever order the workers deliver them. A run resumed with --c continues on a stream
       of its own (`augmenter_seed`): it is paired with another run only up to the epoch where it resumed;
