@@ -232,6 +232,12 @@ def test_separation_png_is_written(tmp_path, phantom, separated):
     arr = mpimg.imread(out)
     assert arr.ndim == 3 and arr.shape[0] > 100 and arr.shape[1] > 300
     assert arr[..., :3].std() > 0.05                   # not a blank canvas
+    # coloured by cluster: each cluster's legend colour (tab10, alpha 0.6 over white) is drawn
+    import matplotlib
+    rgb = arr[..., :3].reshape(-1, 3)
+    for c in range(3):
+        want = 0.6 * np.asarray(matplotlib.colormaps["tab10"](c)[:3]) + 0.4
+        assert (np.abs(rgb - want).max(axis=1) < 0.02).sum() > 20, f"cluster {c}'s colour is missing"
 
 
 def test_cache_reads_nnunet_preprocessed_cases(tmp_path):
