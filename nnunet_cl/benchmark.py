@@ -14,8 +14,8 @@ are never touched) from SOURCE, an MSD task folder or an nnU-Net raw dataset fol
   contrastive arm with `-pretrained_weights` of its pretraining, the ceiling on its ceiling fold;
 - the test set is predicted with nnUNetv2_predict and scored with nnUNetv2_evaluate_folder.
 
-Results: one JSON per run in --work/runs/<schedule> (a rerun skips those); results_<schedule>.md/.csv and
-dice_vs_labels_<schedule>.png in --work.
+Results: one JSON per run in --work/runs/<schedule> (a rerun skips those); results_<schedule>.md/.csv,
+dice_vs_labels_<schedule>.png and dice_per_class_<schedule>.png in --work.
 Everything the nnU-Net commands print goes to --work/benchmark_log.txt. See docs/benchmarks.md.
 """
 import argparse
@@ -466,7 +466,7 @@ class Bench:
                                    f"{settings.get('n_test', '?')} held-out test cases")
         if final:
             if paths:
-                self.say(f"Table: {paths['md']} and {paths['csv']}; plot: {paths['png']}")
+                self.say(f"Table: {paths['md']} and {paths['csv']}; plots: {paths['png']}, {paths['png_per_class']}")
                 print("\n" + Path(paths["md"]).read_text(), flush=True)
             else:
                 self.say("No finished run yet: no table")

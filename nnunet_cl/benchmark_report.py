@@ -5,6 +5,8 @@
   so the same labeled cases), and wall times (fine-tuning, prediction per run; pretraining once per method).
 - dice_vs_labels_<schedule>.png: mean foreground Dice against the number of labeled cases, one line per arm, error bars
   = std over seeds; the ceiling (all non-validation labels) as a horizontal line with its spread as a band.
+- dice_per_class_<schedule>.png: Dice of every class, one panel per k, one bar per arm (error bars = std over seeds),
+  the ceiling as a black mark per class: whether a gain comes from every class or from a few (small organs).
 """
 import csv
 import json
@@ -203,9 +205,59 @@ def plot(rows, path, title: str = "") -> dict:
     return {"curves": drawn, "ylim": ylim}
 
 
+def plot_per_class(rows, classes, labels, path, title: str = "") -> dict:
+    """Draw the per-class PNG; returns the bar heights read back from the axes, {(k, arm): [Dice per class]}, and
+    the ceiling marks, {'ceiling': [Dice per class]} (when there is a ceiling run)."""
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    curves = [r for r in rows if not r["ceiling"]]
+    ks = sorted({r["k"] for r in curves})
+    arms = _arm_order({r["arm"] for r in curves})
+    ceiling = next((r for r in rows if r["ceiling"]), None)
+    fig, axes = plt.subplots(len(ks), 1, figsize=(max(8.0, 1.3 * len(classes) + 2), 2.8 * len(ks) + 1.2), dpi=120,
+                             squeeze=False, layout="constrained")
+    colours = plt.get_cmap("tab10")
+    group = 0.8
+    width = group / max(1, len(arms))
+    x = np.arange(len(classes))
+    drawn = {}
+    for ax, k in zip(axes[:, 0], ks):
+        for i, arm in enumerate(arms):
+            row = next((r for r in curves if r["arm"] == arm and r["k"] == k), None)
+            if row is None:
+                continue
+            y = np.nan_to_num(np.array([row["per_class"][c][0] for c in classes]))
+            std = np.array([row["per_class"][c][1] for c in classes])
+            bars = ax.bar(x + (i - (len(arms) - 1) / 2) * width, y, width, color=colours(i % 10),
+                          yerr=None if np.isnan(std).all() else np.nan_to_num(std), capsize=2,
+                          label=f"{arm} (seeds: {len(row['seeds'])})")
+            drawn[(k, arm)] = [float(b.get_height()) for b in bars]
+        if ceiling is not None:  # a black line across each class's group of bars
+            ceil = [ceiling["per_class"][c][0] for c in classes]
+            ax.hlines(ceil, x - group / 2, x + group / 2, colors="black", linewidth=2.5,
+                      label=f"ceiling: all {ceiling['k']} labels", zorder=3)
+            drawn["ceiling"] = [float(v) for v in ceil]
+        ax.set_ylim(0, 1)
+        ax.set_xticks(x)
+        ax.set_xticklabels([labels.get(c, c) for c in classes], fontsize=10)
+        ax.set_ylabel(f"Dice, k = {k}", fontsize=11)
+        ax.grid(True, axis="y", alpha=0.3)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    # the title heads the legend: a suptitle and an "outside" legend would overlap
+    fig.legend(handles, names, loc="outside upper center", ncol=min(3, len(names)), fontsize=9, frameon=False,
+               title=title or "Dice per class", title_fontsize=12)
+    fig.supxlabel("test set; error bars: std over seeds", fontsize=9, color="0.35", x=0.01, ha="left")
+    fig.savefig(path)
+    plt.close(fig)
+    return drawn
+
+
 def write_report(runs_dir, out_dir, skipped: dict | None = None, title: str = "", suffix: str = "") -> dict | None:
-    """Write results<suffix>.md, .csv and dice_vs_labels<suffix>.png into out_dir and return their paths ('md',
-    'csv', 'png') and what the plot drew ('drawn', see plot); None when no run has finished."""
+    """Write results<suffix>.md, .csv, dice_vs_labels<suffix>.png and dice_per_class<suffix>.png into out_dir and
+    return their paths ('md', 'csv', 'png', 'png_per_class') and what the plots drew ('drawn', see plot;
+    'drawn_per_class', see plot_per_class); None when no run has finished."""
     runs = load_runs(runs_dir)
     if not runs:
         return None
@@ -218,9 +270,10 @@ def write_report(runs_dir, out_dir, skipped: dict | None = None, title: str = ""
             r["pretrain_s"] = rec.get("wall_s") or rec.get("epochs_s") or float("nan")
     out = Path(out_dir)
     paths = {"md": out / f"results{suffix}.md", "csv": out / f"results{suffix}.csv",
-             "png": out / f"dice_vs_labels{suffix}.png"}
+             "png": out / f"dice_vs_labels{suffix}.png", "png_per_class": out / f"dice_per_class{suffix}.png"}
     table = markdown_table(rows, classes, labels, skipped, {prediction_settings(r) for r in runs})
     paths["md"].write_text(f"{title}\n\n{table}" if title else table)
     write_csv(rows, classes, labels, paths["csv"])
     drawn = plot(rows, paths["png"], title)
-    return {**{k: str(v) for k, v in paths.items()}, "drawn": drawn}
+    per_class = plot_per_class(rows, classes, labels, paths["png_per_class"], title)
+    return {**{k: str(v) for k, v in paths.items()}, "drawn": drawn, "drawn_per_class": per_class}

@@ -266,6 +266,12 @@ def test_table_and_plot_from_run_files(tmp_path):
     assert sorted(round(x) for x in scratch[0]) == [2, 5]  # arms are nudged apart on the log axis, not moved
     assert ceiling[1] == pytest.approx([0.85, 0.85])  # axhline: a line across the axes at that Dice
     assert lo <= 0.6 - 0.071 and hi >= 0.85 and hi - lo >= 0.1
+    # per class: one bar per arm and class in each k's panel, the ceiling marked per class
+    bars = paths["drawn_per_class"]
+    assert set(bars) == {(2, "scratch"), (2, "simclr"), (5, "scratch"), "ceiling"}
+    assert bars[(2, "scratch")] == pytest.approx([0.55, 0.65]) and bars[(2, "simclr")] == pytest.approx([0.6, 0.8])
+    assert bars[(5, "scratch")] == pytest.approx([0.7, 0.7]) and bars["ceiling"] == pytest.approx([0.85, 0.85])
+    assert Image.open(paths["png_per_class"]).size[0] >= 800
     assert write_report(tmp_path / "empty", tmp_path) is None
     # a pretraining finished by an earlier invocation has no wall time: nnU-Net's epoch times stand in
     (runs / "pretrain__simclr.json").write_text(json.dumps({"arm": "simclr", "wall_s": None, "epochs_s": 300.0}))
