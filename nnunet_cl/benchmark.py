@@ -56,6 +56,8 @@ class Bench:
         self.log = self.work / LOG_FILE
         self.schedule = args.schedule or (QUICK_SCHEDULE if args.quick else SCHEDULE)
         self.runs = self.work / "runs" / self.schedule  # a run of one schedule never counts for another
+        # a fine-tuning variant may reuse another schedule's pretrainings (their checkpoints, not its runs)
+        self.pretrain_schedule = args.pretrain_schedule or self.schedule
         self.failures: list[str] = []
         self.last_cpu = 0.0
 
@@ -334,8 +336,8 @@ class Bench:
 
     def check_trainers(self, arms) -> None:
         """Which trainers nnU-Net finds; arms whose pretraining schedule class is missing are skipped, with why."""
-        suffix = f"_{self.schedule}"
-        names = [f"nnUNetTrainer{suffix}"] + [f"{p}{suffix}" for _, p in arms if p]
+        suffix, pre_suffix = f"_{self.schedule}", f"_{self.pretrain_schedule}"
+        names = [f"nnUNetTrainer{suffix}"] + [f"{p}{pre_suffix}" for _, p in arms if p]
         code = ("import json, os, sys\n"
                 "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
                 "out = {}\n"
@@ -356,8 +358,8 @@ class Bench:
                                  f"{names[0]} in a module of trainers/ and import it in trainers/__init__.py.")
         skipped = {}
         for arm, pre in arms:
-            if pre and found[f"{pre}{suffix}"] is not None:
-                skipped[arm] = f"{pre}{suffix}: {found[f'{pre}{suffix}']}"
+            if pre and found[f"{pre}{pre_suffix}"] is not None:
+                skipped[arm] = f"{pre}{pre_suffix}: {found[f'{pre}{pre_suffix}']}"
                 self.say(f"SKIPPED arm {arm}: {skipped[arm]}")
         self.state["skipped"] = skipped  # recomputed every invocation: an arm whose trainer landed runs next time
         self.save_state()
@@ -365,7 +367,7 @@ class Bench:
     # ---------------------------------------------------------------- runs
     def pretrain(self, arm: str, pretrainer: str) -> str | None:
         """Pretrain once per arm on the pretraining fold; the path of its checkpoint_final.pth (None if it failed)."""
-        trainer = f"{pretrainer}_{self.schedule}"
+        trainer = f"{pretrainer}_{self.pretrain_schedule}"
         record_file = self.runs / f"pretrain__{arm}.json"
         folder = self.results_root(arm) / self.dataset / f"{trainer}__{self.plans}__{CONFIG}" / f"fold_{PRETRAIN_FOLD}"
         ckpt = folder / "checkpoint_final.pth"
@@ -437,7 +439,7 @@ class Bench:
             "arm": arm, "kind": fold["kind"], "k": fold["k"], "seed": fold["seed"], "fold": fold["fold"],
             "train_cases": fold["train"], "n_val": len(fold["val"]), "n_test": n_scored,
             "finetune_trainer": trainer, "plans": self.plans, "pretrain_trainer":
-                f"{pretrainer}_{self.schedule}" if pretrainer else None, "pretrained_weights": weights,
+                f"{pretrainer}_{self.pretrain_schedule}" if pretrainer else None, "pretrained_weights": weights,
             "schedule": self.schedule,
             "tta": bool(self.args.tta), "step_size": self.args.step_size or 0.5,
             "dice": {c: _num(v["Dice"]) for c, v in summary["mean"].items() if str(c) != "0"},
@@ -592,6 +594,9 @@ def main(argv=None) -> None:
     p.add_argument("--schedule", default=None,
                    help=f"trainer suffix: nnUNetTrainer_<schedule> and <pretrainer>_<schedule> (default {SCHEDULE}; "
                         f"{QUICK_SCHEDULE} with --quick)")
+    p.add_argument("--pretrain_schedule", default=None,
+                   help="pretrain with <pretrainer>_<this> instead of <pretrainer>_<schedule>: a fine-tuning variant "
+                        "(e.g. --schedule clBenchFT --pretrain_schedule clBench) reuses that schedule's pretrainings")
     p.add_argument("--ceiling_seeds", type=_ceiling_seeds, default=1,
                    help="run the ceiling for the first N seeds (default 1: its training cases do not depend on it)")
     p.add_argument("--tta", action="store_true", help="predict with nnU-Net's mirroring (default off, 8x cheaper)")

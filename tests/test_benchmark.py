@@ -518,3 +518,27 @@ def test_arms_of_a_fold_share_batches_and_segmentation_layers(bench, tmp_path):
             assert torch.equal(value, pretrained[key]), key
     assert not torch.equal(scratch["weights"]["encoder.stages.0.0.convs.0.conv.weight"],
                            simclr["weights"]["encoder.stages.0.0.convs.0.conv.weight"])
+
+
+def test_fine_tuning_variant_reuses_the_pretrainings(bench):
+    """--schedule clBenchTestFT --pretrain_schedule clBenchTest: only fine-tuning runs, from the clBenchTest
+    pretraining checkpoints, with the warm-up recipe; their files are the new schedule's own."""
+    work = bench["work"]
+    i = bench["cmd"].index("--schedule")
+    cmd = bench["cmd"][:i + 1] + ["clBenchTestFT", "--pretrain_schedule", "clBenchTest"] + bench["cmd"][i + 2:]
+    log_size = (work / "benchmark_log.txt").stat().st_size
+    proc = subprocess.run(cmd, env=bench["env"], capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    with open(work / "benchmark_log.txt") as f:
+        f.seek(log_size)
+        log = f.read()
+    train = [line for line in log.splitlines() if line.startswith("$ nnUNetv2_train")]
+    assert len(train) == 2 and all("-tr nnUNetTrainer_clBenchTestFT " in line for line in train), train
+    assert "nnUNetTrainerSimCLRPretrain_clBenchTest__" in next(line for line in train if "-pretrained_weights" in line)
+    assert "learning rate rises linearly to 0.001 over 1 of 2 epochs" in log
+    runs = work / "runs" / "clBenchTestFT"
+    record = json.loads((runs / "simclr__k2__seed0.json").read_text())
+    assert record["finetune_trainer"] == "nnUNetTrainer_clBenchTestFT"
+    assert record["pretrain_trainer"] == "nnUNetTrainerSimCLRPretrain_clBenchTest"
+    assert (runs / "scratch__k2__seed0.json").is_file() and (work / "results_clBenchTestFT.md").is_file()

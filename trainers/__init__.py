@@ -7,6 +7,7 @@ nnunet_cl's core: an optional dependency failing at import time would break nnU-
 from nnunet_cl_trainers.base import nnUNetTrainerCLBase
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLR, nnUNetTrainerSimCLRPretrain
 from nnunet_cl_trainers.variants import *  # noqa: F401,F403
+from nnunet_cl_trainers.finetune import nnUNetTrainerFinetune
 from nnunet_cl_trainers.demo import (nnUNetTrainer_clDemo, nnUNetTrainer_clDemoQuick, nnUNetTrainerSimCLR_clDemo,
                                      nnUNetTrainerSimCLR_clDemoQuick)
 from nnunet_cl_trainers.separeg import *  # noqa: F401,F403

@@ -21,6 +21,7 @@ from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import 
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from nnunet_cl_trainers.base import attribute_variant
+from nnunet_cl_trainers.finetune import FinetuneRecipe
 from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCLPretrain
 from nnunet_cl_trainers.separeg import nnUNetTrainerSepaRegPretrain
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLRPretrain
@@ -170,6 +171,12 @@ class nnUNetTrainer_clBenchQuick(nnUNetTrainer_clBench):
     """The fine-tuning schedule of `nnUNetv2_cl_benchmark --quick`."""
 
     schedule = "clBenchQuick"
+
+
+class nnUNetTrainer_clBenchFT(FinetuneRecipe, nnUNetTrainer_clBench):
+    """`clBench`'s 1000 steps with the fine-tuning recipe of trainers/finetune.py for every arm alike: peak
+    learning rate 1e-3 after a linear warm-up over 2 of the 40 epochs, then poly decay. Its arms reuse the
+    `clBench` pretrainings: `--schedule clBenchFT --pretrain_schedule clBench`."""
 
 
 class nnUNetTrainer_clBenchCT(nnUNetTrainer_clBench, nnUNetTrainerDiceCELoss_noSmooth):

@@ -2,6 +2,7 @@
 import torch
 
 from nnunet_cl_trainers.benchmark import nnUNetTrainer_clBench, pretrain_schedule
+from nnunet_cl_trainers.finetune import FinetuneRecipe
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLRPretrain
 
 
@@ -12,6 +13,10 @@ class nnUNetTrainer_clBenchTest(nnUNetTrainer_clBench):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 2
+
+
+class nnUNetTrainer_clBenchTestFT(FinetuneRecipe, nnUNetTrainer_clBenchTest):
+    """clBenchTest with the fine-tuning recipe (warm-up, peak 1e-3), as clBenchFT is to clBench."""
 
 
 nnUNetTrainerSimCLRPretrain_clBenchTest = pretrain_schedule(
