@@ -8,7 +8,7 @@ fine-tuning trainer for self-supervised checkpoints (`PretrainedTrainer`, nnU-Ne
 
     nnUNetv2_train D 3d_fullres 0 -tr nnUNetTrainerFinetune -pretrained_weights CHECKPOINT
 
-Hyperparameters are attributes (`initial_lr`, `warmup_fraction`), as in nnU-Net's variants.
+Hyperparameters are class attributes (`peak_lr`, `warmup_fraction`), as in nnU-Net's variants.
 """
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
