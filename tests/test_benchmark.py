@@ -444,8 +444,8 @@ def test_interrupted_training_resumes_with_c(bench):
 
 
 def test_finetuning_is_seeded_by_fold_so_arms_are_paired(bench, tmp_path):
-    """Retraining the scratch run's fold reproduces its weights exactly: every arm of a fold starts from the same
-    random decoder and sees the same augmented batches; only the pretrained weights differ."""
+    """Retraining the scratch run's fold reproduces its weights exactly: a fold's run is a function of its seed
+    (what arms of one fold share is checked in test_arms_of_a_fold_share_batches_and_segmentation_layers)."""
     import torch
     work = bench["work"]
     fold = json.loads((work / "runs" / "clBenchTest" / "scratch__k2__seed0.json").read_text())["fold"]
