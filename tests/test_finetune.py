@@ -43,8 +43,11 @@ def test_warmup_length_and_bad_warmup():
 def test_trainers_use_the_recipe(nnunet_env):
     from nnunet_cl_trainers.benchmark import SCHEDULES, nnUNetTrainer_clBench, nnUNetTrainer_clBenchFT
     fake_preprocessed_folder(nnunet_env, "Dataset997_Tiny")
-    make = lambda cls: cls(dict(tiny_plans(), continue_training=False), "3d_fullres", 0, dict(DATASET_JSON),  # noqa: E731
-                           torch.device("cpu"))
+
+    def make(cls):
+        return cls(dict(tiny_plans(), continue_training=False), "3d_fullres", 0, dict(DATASET_JSON),
+                   torch.device("cpu"))
+
     bench, stock = make(nnUNetTrainer_clBenchFT), make(nnUNetTrainer_clBench)
     # the benchmark variant changes only the learning rate schedule: same steps, seed and validation
     assert (bench.num_epochs, bench.num_iterations_per_epoch, bench.num_val_iterations_per_epoch) == \
