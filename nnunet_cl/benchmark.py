@@ -145,8 +145,10 @@ class Bench:
         self.runs.mkdir(parents=True, exist_ok=True)
         with _Lock(self.work / LOCK_FILE):
             self.state = self.load_state()
+            if a.report_as and not a.report_only:
+                raise BenchmarkError("--report_as only names a table of finished runs. Fix: add --report_only.")
             if a.report_only:
-                return self.report(final=True)
+                return self.report(final=True, name=a.report_as)
             self.settings = self.resolve_settings()
             self.say(f"nnUNetv2_cl_benchmark in {self.work} (all command output: {self.log})")
             arms = parse_arms(a.arms or (QUICK_ARMS if a.quick else DEFAULT_ARMS))
@@ -459,13 +461,21 @@ class Bench:
         mean = record["mean_fg_dice"]
         self.say(f"  {rid}: mean foreground Dice {'n/a' if mean is None else f'{mean:.4f}'} ({per_class})")
 
-    def report(self, final: bool) -> int:
-        from nnunet_cl.benchmark_report import write_report
-        skipped = self.state.get("skipped", {})
+    def report(self, final: bool, name: str | None = None) -> int:
+        """The table and plots of every finished run; with a name, of the runs of --arms, --k and --seeds only,
+        as results_<schedule>_<name>.*"""
+        from nnunet_cl.benchmark_report import run_filter, write_report
+        a, skipped = self.args, self.state.get("skipped", {})
         settings = self.state.get("settings", {})
-        paths = write_report(self.runs, self.work, skipped=skipped, suffix=f"_{self.schedule}",
-                             title=f"{settings.get('name', 'benchmark')}, schedule {self.schedule}: "
-                                   f"{settings.get('n_test', '?')} held-out test cases")
+        title = f"{settings.get('name', 'benchmark')}, schedule {self.schedule}: " \
+                f"{settings.get('n_test', '?')} held-out test cases"
+        select, suffix = None, f"_{self.schedule}"
+        if name:
+            arms = [arm for arm, _ in parse_arms(a.arms or DEFAULT_ARMS)]
+            select, suffix = run_filter(arms, a.k, a.seeds), f"{suffix}_{name}"
+            skipped = {arm: why for arm, why in skipped.items() if arm in arms}
+            title += f"; arms {', '.join(arms)}; k = {', '.join(map(str, a.k))}; seeds {', '.join(map(str, a.seeds))}"
+        paths = write_report(self.runs, self.work, skipped=skipped, suffix=suffix, title=title, select=select)
         if final:
             if paths:
                 self.say(f"Table: {paths['md']} and {paths['csv']}; plots: {paths['png']}, {paths['png_per_class']}")
@@ -604,6 +614,10 @@ def main(argv=None) -> None:
                    help="sliding-window step of nnUNetv2_predict as a fraction of the patch (nnU-Net's default 0.5; "
                         "1: no overlap, e.g. 8 windows instead of 27 for a 128^3 volume and a 64^3 patch)")
     p.add_argument("--report_only", action="store_true", help="only rewrite the table and plot from --work/runs")
+    p.add_argument("--report_as", default=None, metavar="NAME",
+                   help="with --report_only: a table and plots of only the runs of --arms, --k and --seeds (their "
+                        "defaults apply), as results_<schedule>_NAME.md/.csv and its PNGs, e.g. the default arms apart "
+                        "from extra arms run in the same work folder")
     args = p.parse_args(argv)
     try:
         code = Bench(args).main()

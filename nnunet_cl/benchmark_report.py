@@ -29,6 +29,15 @@ def load_runs(runs_dir) -> list[dict]:
     return out
 
 
+def run_filter(arms=None, ks=None, seeds=None):
+    """A predicate on run records: the runs of these arms, k and seeds (None: any). The ceiling has no k of the
+    list (it trains on every labeled case), so only its arm and seed are checked."""
+    def keep(run: dict) -> bool:
+        return ((arms is None or run["arm"] in arms) and (seeds is None or run["seed"] in seeds)
+                and (ks is None or run["arm"] == CEILING or run["k"] in ks))
+    return keep
+
+
 def load_pretraining(runs_dir) -> dict:
     records = [json.loads(f.read_text()) for f in Path(runs_dir).glob("pretrain__*.json")]
     return {r["arm"]: r for r in records}
@@ -254,11 +263,13 @@ def plot_per_class(rows, classes, labels, path, title: str = "") -> dict:
     return drawn
 
 
-def write_report(runs_dir, out_dir, skipped: dict | None = None, title: str = "", suffix: str = "") -> dict | None:
+def write_report(runs_dir, out_dir, skipped: dict | None = None, title: str = "", suffix: str = "",
+                 select=None) -> dict | None:
     """Write results<suffix>.md, .csv, dice_vs_labels<suffix>.png and dice_per_class<suffix>.png into out_dir and
     return their paths ('md', 'csv', 'png', 'png_per_class') and what the plots drew ('drawn', see plot;
-    'drawn_per_class', see plot_per_class); None when no run has finished."""
-    runs = load_runs(runs_dir)
+    'drawn_per_class', see plot_per_class); None when no run has finished. select (see run_filter) keeps a
+    subset of the runs, e.g. one table of the default arms apart from extra arms in the same work folder."""
+    runs = [r for r in load_runs(runs_dir) if select is None or select(r)]
     if not runs:
         return None
     rows, classes, labels = aggregate(runs)

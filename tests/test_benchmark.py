@@ -292,6 +292,30 @@ def test_table_and_plot_from_run_files(tmp_path):
     assert [r["resumed_seeds"] for r in csv.DictReader(open(paths["csv"])) if r["arm"] == "simclr"] == ["1"]
 
 
+def test_report_as_tables_a_subset_of_the_runs(tmp_path):
+    from nnunet_cl.benchmark import main
+    runs = tmp_path / "runs" / "clBench"
+    runs.mkdir(parents=True)
+    records = [_run_record("scratch", 2, 0, 0.5, 0.6), _run_record("scratch", 2, 1, 0.6, 0.7),
+               _run_record("scratch", 10, 0, 0.8, 0.8), _run_record("simclr", 2, 0, 0.6, 0.7),
+               _run_record("polycl5x", 2, 0, 0.9, 0.9), _run_record("ceiling", 20, 0, 0.85, 0.85, ceiling=True)]
+    for r in records:
+        (runs / f"{r['arm']}__k{r['k']}__seed{r['seed']}.json").write_text(json.dumps(r))
+    with pytest.raises(SystemExit) as stop:
+        main(["--work", str(tmp_path), "--report_only", "--report_as", "main", "--arms", "scratch", "simclr",
+              "ceiling", "--k", "2", "--seeds", "0"])
+    assert stop.value.code == 0
+    md = (tmp_path / "results_clBench_main.md").read_text()
+    rows = [(r["arm"], r["k"], r["n_seeds"]) for r in csv.DictReader(open(tmp_path / "results_clBench_main.csv"))]
+    assert rows == [("scratch", "2", "1"), ("simclr", "2", "1"), ("ceiling", "20", "1")]  # no polycl5x, k=10, seed 1
+    assert "arms scratch, simclr, ceiling; k = 2; seeds 0" in md.splitlines()[0]
+    assert (tmp_path / "dice_vs_labels_clBench_main.png").is_file()
+    assert not (tmp_path / "results_clBench.md").exists()  # the table of all runs is left alone
+    with pytest.raises(SystemExit) as stop:
+        main(["--work", str(tmp_path), "--report_as", "main"])
+    assert "Fix: add --report_only" in str(stop.value.code)
+
+
 def test_augmenter_seeds_fresh_resumed_and_per_rank():
     from nnunet_cl_trainers.benchmark import augmenter_seed
     assert augmenter_seed(3, 1, 0) == 3100 and augmenter_seed(3, 2, 1) == 3201  # fresh run, one process
