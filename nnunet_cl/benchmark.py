@@ -521,6 +521,14 @@ def _step_size(text: str) -> float:
     return value
 
 
+def _table_name(text: str) -> str:
+    """argparse type of --report_as: a name that is safe as part of a file name."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: the table's name becomes part of its file names; use letters, "
+                                         f"digits, '_', '.' and '-' (e.g. main_3seeds)")
+    return text
+
+
 def _ceiling_seeds(text: str) -> int:
     """argparse type of --ceiling_seeds: at least 1 (leave `ceiling` out of --arms for none)."""
     value = int(text)
@@ -614,7 +622,7 @@ def main(argv=None) -> None:
                    help="sliding-window step of nnUNetv2_predict as a fraction of the patch (nnU-Net's default 0.5; "
                         "1: no overlap, e.g. 8 windows instead of 27 for a 128^3 volume and a 64^3 patch)")
     p.add_argument("--report_only", action="store_true", help="only rewrite the table and plot from --work/runs")
-    p.add_argument("--report_as", default=None, metavar="NAME",
+    p.add_argument("--report_as", type=_table_name, default=None, metavar="NAME",
                    help="with --report_only: a table and plots of only the runs of --arms, --k and --seeds (their "
                         "defaults apply), as results_<schedule>_NAME.md/.csv and its PNGs, e.g. the default arms apart "
                         "from extra arms run in the same work folder")

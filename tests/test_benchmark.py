@@ -314,6 +314,9 @@ def test_report_as_tables_a_subset_of_the_runs(tmp_path):
     with pytest.raises(SystemExit) as stop:
         main(["--work", str(tmp_path), "--report_as", "main"])
     assert "Fix: add --report_only" in str(stop.value.code)
+    with pytest.raises(SystemExit) as stop:  # argparse: the name becomes part of file names
+        main(["--work", str(tmp_path), "--report_only", "--report_as", "../main"])
+    assert stop.value.code == 2 and not (tmp_path.parent / "main").exists()
 
 
 def test_augmenter_seeds_fresh_resumed_and_per_rank():
