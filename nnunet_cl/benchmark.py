@@ -478,7 +478,8 @@ class Bench:
         paths = write_report(self.runs, self.work, skipped=skipped, suffix=suffix, title=title, select=select)
         if final:
             if paths:
-                self.say(f"Table: {paths['md']} and {paths['csv']}; plots: {paths['png']}, {paths['png_per_class']}")
+                plots = ", ".join(paths[k] for k in ("png", "png_per_class", "png_deltas") if k in paths)
+                self.say(f"Table: {paths['md']} and {paths['csv']}; plots: {plots}")
                 print("\n" + Path(paths["md"]).read_text(), flush=True)
             else:
                 self.say("No finished run yet: no table")

@@ -7,6 +7,8 @@
   = std over seeds; the ceiling (all non-validation labels) as a horizontal line with its spread as a band.
 - dice_per_class_<schedule>.png: Dice of every class, one panel per k, one bar per arm (error bars = std over seeds),
   the ceiling as a black mark per class: whether a gain comes from every class or from a few (small organs).
+- delta_vs_scratch_<schedule>.png: each arm minus scratch on the same k and seed, one dot per seed and a bar at
+  their mean: which gains stand clear of the seed-to-seed noise.
 """
 import csv
 import json
@@ -76,10 +78,11 @@ def aggregate(runs: list[dict]) -> tuple[list[dict], list[str], dict]:
             row = {"arm": arm, "k": k, "ceiling": arm == CEILING, "seeds": [r["seed"] for r in group]}
             row["mean_fg"] = _stats([r["mean_fg_dice"] for r in group])
             row["per_class"] = {c: _stats([r["dice"].get(c) for r in group]) for c in classes}
-            paired = [r["mean_fg_dice"] - scratch[(k, r["seed"])] for r in group
+            paired = {r["seed"]: r["mean_fg_dice"] - scratch[(k, r["seed"])] for r in group
                       if arm not in (SCRATCH, CEILING) and (k, r["seed"]) in scratch
-                      and r["mean_fg_dice"] is not None and scratch[(k, r["seed"])] is not None]
-            row["delta_scratch"] = _stats(paired)
+                      and r["mean_fg_dice"] is not None and scratch[(k, r["seed"])] is not None}
+            row["delta_scratch"] = _stats(paired.values())
+            row["delta_per_seed"] = paired
             row["resumed_seeds"] = [r["seed"] for r in group if r.get("resumed")]
             for key in ("predict", "pretrain"):
                 row[f"{key}_s"] = _stats([r["wall_s"].get(key) for r in group])[0]
@@ -263,11 +266,57 @@ def plot_per_class(rows, classes, labels, path, title: str = "") -> dict:
     return drawn
 
 
+def plot_deltas(rows, path, title: str = "") -> dict:
+    """Draw the paired differences to scratch: a group of bars per k, one bar per arm at the mean of its seeds and
+    each seed's difference as a dot on it, so gains and seed-to-seed noise show side by side. Returns the dots and
+    bars read back from the axes, {(k, arm): ([per-seed differences], mean)}; empty (and no file) when no arm
+    pairs with scratch."""
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    paired = [r for r in rows if r.get("delta_per_seed")]
+    if not paired:
+        return {}
+    ks = sorted({r["k"] for r in paired})
+    arms = _arm_order({r["arm"] for r in paired})
+    colours = plt.get_cmap("tab10")
+    order = _arm_order({r["arm"] for r in rows if not r["ceiling"]})  # colours as in the Dice plot
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.55 * len(ks) * len(arms)), 4.5), dpi=120)
+    drawn = {}
+    for j, k in enumerate(ks):
+        for i, arm in enumerate(arms):
+            row = next((r for r in paired if r["arm"] == arm and r["k"] == k), None)
+            if row is None:
+                continue
+            x = j * (len(arms) + 1) + i
+            colour = colours(order.index(arm) % 10)
+            seeds = sorted(row["delta_per_seed"])
+            d = [row["delta_per_seed"][s] for s in seeds]
+            bar = ax.bar(x, np.mean(d), 0.7, color=colour, alpha=0.45, label=arm if j == 0 else None)
+            dots = ax.scatter([x] * len(d), d, color=colour, edgecolor="black", zorder=3, s=28)
+            drawn[(k, arm)] = ([float(v) for v in dots.get_offsets()[:, 1]], float(bar[0].get_height()))
+    ax.axhline(0, color="black", linewidth=1.2)
+    centre = (len(arms) - 1) / 2
+    ax.set_xticks([j * (len(arms) + 1) + centre for j in range(len(ks))])
+    ax.set_xticklabels([f"k = {k}" for k in ks], fontsize=11)
+    ax.set_ylabel("mean foreground Dice minus scratch\n(same labeled cases)", fontsize=11)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(title or "Paired difference to scratch", fontsize=11)
+    ax.legend(fontsize=9, loc="best")
+    fig.text(0.01, 0.01, "dots: one seed each; bars: their mean", fontsize=9, color="0.35")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return drawn
+
+
 def write_report(runs_dir, out_dir, skipped: dict | None = None, title: str = "", suffix: str = "",
                  select=None) -> dict | None:
-    """Write results<suffix>.md, .csv, dice_vs_labels<suffix>.png and dice_per_class<suffix>.png into out_dir and
-    return their paths ('md', 'csv', 'png', 'png_per_class') and what the plots drew ('drawn', see plot;
-    'drawn_per_class', see plot_per_class); None when no run has finished. select (see run_filter) keeps a
+    """Write results<suffix>.md, .csv, dice_vs_labels<suffix>.png, dice_per_class<suffix>.png and (when an arm
+    pairs with scratch) delta_vs_scratch<suffix>.png into out_dir and return their paths ('md', 'csv', 'png',
+    'png_per_class', 'png_deltas') and what the plots drew ('drawn', see plot; 'drawn_per_class', see
+    plot_per_class; 'drawn_deltas', see plot_deltas); None when no run has finished. select (see run_filter) keeps a
     subset of the runs, e.g. one table of the default arms apart from extra arms in the same work folder."""
     runs = [r for r in load_runs(runs_dir) if select is None or select(r)]
     if not runs:
@@ -280,11 +329,17 @@ def write_report(runs_dir, out_dir, skipped: dict | None = None, title: str = ""
             rec = pre[r["arm"]]
             r["pretrain_s"] = rec.get("wall_s") or rec.get("epochs_s") or float("nan")
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / f"results{suffix}.md", "csv": out / f"results{suffix}.csv",
-             "png": out / f"dice_vs_labels{suffix}.png", "png_per_class": out / f"dice_per_class{suffix}.png"}
+             "png": out / f"dice_vs_labels{suffix}.png", "png_per_class": out / f"dice_per_class{suffix}.png",
+             "png_deltas": out / f"delta_vs_scratch{suffix}.png"}
     table = markdown_table(rows, classes, labels, skipped, {prediction_settings(r) for r in runs})
     paths["md"].write_text(f"{title}\n\n{table}" if title else table)
     write_csv(rows, classes, labels, paths["csv"])
     drawn = plot(rows, paths["png"], title)
     per_class = plot_per_class(rows, classes, labels, paths["png_per_class"], title)
-    return {**{k: str(v) for k, v in paths.items()}, "drawn": drawn, "drawn_per_class": per_class}
+    deltas = plot_deltas(rows, paths["png_deltas"], title)
+    if not deltas:
+        del paths["png_deltas"]
+    return {**{k: str(v) for k, v in paths.items()}, "drawn": drawn, "drawn_per_class": per_class,
+            "drawn_deltas": deltas}

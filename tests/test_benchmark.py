@@ -272,6 +272,13 @@ def test_table_and_plot_from_run_files(tmp_path):
     assert bars[(2, "scratch")] == pytest.approx([0.55, 0.65]) and bars[(2, "simclr")] == pytest.approx([0.6, 0.8])
     assert bars[(5, "scratch")] == pytest.approx([0.7, 0.7]) and bars["ceiling"] == pytest.approx([0.85, 0.85])
     assert Image.open(paths["png_per_class"]).size[0] >= 800
+    # paired differences: a dot per seed at simclr minus scratch on the same k and seed, a bar at their mean
+    (dots, bar), = paths["drawn_deltas"].values()
+    assert list(paths["drawn_deltas"]) == [(2, "simclr")]
+    assert dots == pytest.approx([0.1, 0.1]) and bar == pytest.approx(0.1)
+    assert Image.open(paths["png_deltas"]).size[0] >= 700
+    only_scratch = write_report(runs, tmp_path / "scratch_only", select=lambda r: r["arm"] == "scratch")
+    assert "png_deltas" not in only_scratch and not only_scratch["drawn_deltas"]
     assert write_report(tmp_path / "empty", tmp_path) is None
     # a pretraining finished by an earlier invocation has no wall time: nnU-Net's epoch times stand in
     (runs / "pretrain__simclr.json").write_text(json.dumps({"arm": "simclr", "wall_s": None, "epochs_s": 300.0}))
