@@ -58,6 +58,12 @@ def _pm(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if not math.isnan(std) else "")
 
 
+def _wrap(title: str, fig) -> str:
+    """A title in lines that fit the figure's width (about 9 characters per inch at 11-12 pt)."""
+    import textwrap
+    return "\n".join(textwrap.wrap(title, width=int(fig.get_figwidth() * 9))) or title
+
+
 def _arm_order(arms) -> list[str]:
     arms = set(arms)
     return [a for a in ORDER if a in arms] + sorted(a for a in arms if a not in ORDER and a != CEILING) + \
@@ -204,7 +210,7 @@ def plot(rows, path, title: str = "") -> dict:
     ax.set_ylabel("mean foreground Dice (test set)", fontsize=12)
     ax.tick_params(labelsize=11)
     ax.grid(True, alpha=0.3)
-    ax.set_title(title or "Dice against labeled cases", fontsize=12)
+    ax.set_title(_wrap(title or "Dice against labeled cases", fig), fontsize=12)
     ax.legend(fontsize=10, loc="best")
     fig.text(0.01, 0.01, "error bars / band: std over seeds", fontsize=9, color="0.35")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
@@ -302,7 +308,7 @@ def plot_deltas(rows, path, title: str = "") -> dict:
     ax.set_xticklabels([f"k = {k}" for k in ks], fontsize=11)
     ax.set_ylabel("mean foreground Dice minus scratch\n(same labeled cases)", fontsize=11)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.set_title(title or "Paired difference to scratch", fontsize=11)
+    ax.set_title(_wrap(title or "Paired difference to scratch", fig), fontsize=11)
     ax.legend(fontsize=9, loc="best")
     fig.text(0.01, 0.01, "dots: one seed each; bars: their mean", fontsize=9, color="0.35")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
