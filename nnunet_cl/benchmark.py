@@ -14,8 +14,9 @@ are never touched) from SOURCE, an MSD task folder or an nnU-Net raw dataset fol
   contrastive arm with `-pretrained_weights` of its pretraining, the ceiling on its ceiling fold;
 - the test set is predicted with nnUNetv2_predict and scored with nnUNetv2_evaluate_folder.
 
-Results: one JSON per run in --work/runs/<schedule> (a rerun skips those); results_<schedule>.md/.csv,
-dice_vs_labels_<schedule>.png and dice_per_class_<schedule>.png in --work.
+Results: one JSON per run in --work/runs/<schedule> (a rerun skips those); in --work results_<schedule>.md/.csv
+and three plots, dice_vs_labels_, dice_per_class_ and delta_vs_scratch_<schedule>.png (with --report_only
+--report_as NAME, the same for a subset of the runs, named results_<schedule>_NAME.* and so on).
 Everything the nnU-Net commands print goes to --work/benchmark_log.txt. See docs/benchmarks.md.
 """
 import argparse
@@ -36,7 +37,7 @@ from nnunet_cl.benchmark_design import (BASE_PLANS, BENCH_PLANS, CEILING, CONFIG
                                         needs_preprocessing, parse_arms, plan_runs, run_id, split_cases,
                                         splits_from_folds, write_bench_plans)
 from nnunet_cl.ext_path import ext_trainer_path
-from nnunet_cl.paths import save_json_atomic
+from nnunet_cl.paths import is_msd_dataset_json, save_json_atomic
 
 DEFAULT_ID = 950
 SCHEDULE, QUICK_SCHEDULE = "clBench", "clBenchQuick"
@@ -44,6 +45,28 @@ STATE_FILE, LOG_FILE, LOCK_FILE = "benchmark.json", "benchmark_log.txt", ".lock"
 # settings that define the dataset and its splits: a rerun in the same --work must not change them
 FIXED_SETTINGS = ("source", "labels_folder", "dataset_json", "dataset_id", "name", "n_test", "n_val", "split_seed",
                   "complete_cases", "plans_variant")
+# the options behind FIXED_SETTINGS: without -i a rerun takes them from benchmark.json, and refuses other values
+DATASET_OPTIONS = ("name", "dataset_id", "n_test", "n_val", "split_seed", "complete_cases", "labels_folder",
+                   "dataset_json", "patch", "plan_network", "spacing_factor", "batch_size", "width")
+
+
+def stored_option(settings: dict, dest: str):
+    """The value of the command-line option `dest` that made `settings` (a benchmark.json's)."""
+    variant = settings.get("plans_variant") or {}
+    if dest in ("patch", "spacing_factor", "batch_size", "width"):
+        return variant.get(dest)
+    if dest == "plan_network":
+        return variant.get("topology") == "planned"
+    if dest == "complete_cases":
+        return bool(settings.get("complete_cases"))
+    return settings.get(dest)
+
+
+def given_option(args, dest: str):
+    value = getattr(args, dest)
+    if dest == "dataset_json":
+        return str(Path(value).resolve())
+    return list(value) if dest == "patch" else value
 
 
 class Bench:
@@ -148,6 +171,8 @@ class Bench:
             if a.report_as and not a.report_only:
                 raise BenchmarkError("--report_as only names a table of finished runs. Fix: add --report_only.")
             if a.report_only:
+                if self.state.get("settings"):
+                    self.check_given_options(self.state["settings"])
                 return self.report(final=True, name=a.report_as)
             self.settings = self.resolve_settings()
             self.say(f"nnUNetv2_cl_benchmark in {self.work} (all command output: {self.log})")
@@ -193,6 +218,7 @@ class Bench:
         if a.source is None:
             if not old:
                 raise BenchmarkError(f"{self.work} holds no benchmark yet. Fix: give the dataset with -i SOURCE.")
+            self.check_given_options(old)
             settings = dict(old)
         else:
             source = Path(a.source).resolve()
@@ -225,6 +251,17 @@ class Bench:
         self.save_state()
         return settings
 
+    def check_given_options(self, old: dict) -> None:
+        """Without -i, dataset options given on the command line must match benchmark.json's."""
+        a = self.args
+        changed = [d for d in getattr(a, "given_dataset_options", ()) if given_option(a, d) != stored_option(old, d)]
+        if changed:
+            diff = ", ".join(f"--{d}: {stored_option(old, d)} -> {given_option(a, d)}" for d in changed)
+            raise BenchmarkError(
+                f"{self.work} was made with other settings ({diff}). Without -i a rerun uses the ones in "
+                f"benchmark.json, which define the test set and the splits. Fix: leave these options out, or use "
+                f"a new --work with -i.")
+
     # ---------------------------------------------------------------- dataset
     def prepare_dataset(self) -> None:
         if self.state["stages"].get("dataset"):
@@ -235,7 +272,7 @@ class Bench:
         staging = self.work / "staging"
         shutil.rmtree(staging, ignore_errors=True)
         dj = json.loads(Path(s["dataset_json"]).read_text())
-        if "modality" in dj and "channel_names" not in dj:  # MSD layout: let nnU-Net convert it first
+        if is_msd_dataset_json(dj):  # let nnU-Net convert it first
             staging.mkdir(parents=True)
             self.run(["nnUNetv2_convert_MSD_dataset", "-i", str(src), "-np", "1", "-overwrite_id",
                       str(s["dataset_id"])], {**env, "nnUNet_raw": str(staging)}, "convert MSD")
@@ -357,7 +394,8 @@ class Bench:
             raise BenchmarkError(f"the fine-tuning trainer {names[0]} is not found: {found[names[0]]}. Fix: if the "
                                  f"text names an import error, mend that module (`python -c 'import "
                                  f"nnunet_cl_trainers'` shows it); for a schedule of your own, define "
-                                 f"{names[0]} in a module of trainers/ and import it in trainers/__init__.py.")
+                                 f"{names[0]} in a .py file of a folder of yours and add that folder to "
+                                 f"nnUNet_extTrainer (separated by '{os.pathsep}'; the benchmark adds its own).")
         skipped = {}
         for arm, pre in arms:
             if pre and found[f"{pre}{pre_suffix}"] is not None:
@@ -628,6 +666,7 @@ def main(argv=None) -> None:
                         "defaults apply), as results_<schedule>_NAME.md/.csv and its PNGs, e.g. the default arms apart "
                         "from extra arms run in the same work folder")
     args = p.parse_args(argv)
+    args.given_dataset_options = tuple(d for d in DATASET_OPTIONS if getattr(args, d) != p.get_default(d))
     try:
         code = Bench(args).main()
     except BenchmarkError as e:

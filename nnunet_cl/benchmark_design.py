@@ -20,8 +20,11 @@ SCRATCH, CEILING = "scratch", "ceiling"
 METHOD_ARMS = {"simclr": "nnUNetTrainerSimCLRPretrain", "separeg": "nnUNetTrainerSepaRegPretrain",
                "polycl": "nnUNetTrainerPolyCLPretrain"}
 DEFAULT_ARMS = [SCRATCH, *METHOD_ARMS, CEILING]
-# '<arm>5x': the same method with 5 times the pretraining steps (trainers/benchmark.py LONG_PRETRAIN); on request
-KNOWN_ARMS = {SCRATCH: None, **METHOD_ARMS, CEILING: None, **{f"{a}5x": f"{t}5x" for a, t in METHOD_ARMS.items()}}
+# '<arm>5x': the same method with LONG_PRETRAIN times the pretraining steps (their classes are made in
+# trainers/benchmark.py from this constant); on request
+LONG_PRETRAIN = 5
+KNOWN_ARMS = {SCRATCH: None, **METHOD_ARMS, CEILING: None,
+              **{f"{a}{LONG_PRETRAIN}x": f"{t}{LONG_PRETRAIN}x" for a, t in METHOD_ARMS.items()}}
 QUICK_ARMS = [a for a in DEFAULT_ARMS if a != CEILING]  # --quick is a first look at one k: no all-labels run
 PRETRAIN_KEY, PRETRAIN_FOLD = "pretrain", 0
 FOLDS_FILE = "benchmark_folds.json"

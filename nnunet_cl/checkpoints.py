@@ -21,7 +21,7 @@ def stock_network(plans: dict, dataset_json: dict, configuration: str) -> torch.
     pm = PlansManager(plans)
     if configuration not in pm.available_configurations:
         raise NnUNetCLError(f"Configuration {configuration!r} is not in plans {pm.plans_name} "
-                            f"(available: {', '.join(pm.available_configurations)}).")
+                            f"(available: {', '.join(pm.available_configurations)}). Fix: pass -c with one of them.")
     cm = pm.get_configuration(configuration)
     n_in = determine_num_input_channels(pm, cm, dataset_json)
     n_out = pm.get_label_manager(dataset_json).num_segmentation_heads

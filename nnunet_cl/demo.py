@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from nnunet_cl.ext_path import ext_trainer_path
+from nnunet_cl.paths import is_msd_dataset_json
 
 DEMO_ID = 991
 ARMS = {"scratch (nnUNetTrainer)": "nnUNetTrainer_clDemo", "SimCLR pretrained": "nnUNetTrainerSimCLR_clDemo"}
@@ -39,7 +40,7 @@ def _real_dataset(src: Path, raw: Path, env: dict, log: Path, n_labeled: int, n_
     if not (src / "dataset.json").is_file():
         sys.exit(f"{src} has no dataset.json: give an MSD task folder or an nnU-Net raw dataset folder.")
     staging = raw.parent / "staging"
-    if "modality" in json.loads((src / "dataset.json").read_text()):  # MSD layout
+    if is_msd_dataset_json(json.loads((src / "dataset.json").read_text())):
         staging.mkdir(exist_ok=True)
         _run(["nnUNetv2_convert_MSD_dataset", "-i", str(src), "-np", "1", "-overwrite_id", str(DEMO_ID)],
              {**env, "nnUNet_raw": str(staging)}, log)
@@ -62,7 +63,8 @@ def _real_dataset(src: Path, raw: Path, env: dict, log: Path, n_labeled: int, n_
                 shutil.copy(src / "imagesTr" / f"{c}_{ch:04d}{ending}", out / img_dir)
             shutil.copy(src / "labelsTr" / f"{c}{ending}", out / lab_dir)
     for c in rest:  # labels of these cases are never copied: they are the unlabeled pool
-        shutil.copy(src / "imagesTr" / f"{c}_0000{ending}", pool / f"{c}{ending}")
+        for ch in range(channels):  # nnU-Net's raw names: nnUNetv2_cl_add_unlabeled groups the channels of a case
+            shutil.copy(src / "imagesTr" / f"{c}_{ch:04d}{ending}", pool)
     dj["numTraining"] = len(train)
     (out / "dataset.json").write_text(json.dumps(dj, indent=1))
     shutil.rmtree(staging, ignore_errors=True)

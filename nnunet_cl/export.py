@@ -28,37 +28,45 @@ def export_model(model_folder: str, output_folder: str, checkpoint_names=("check
         raise NnUNetCLError(f"{model_folder} lacks {', '.join(missing)}: it is not a complete nnU-Net model "
                             f"folder. Fix: point -tr/-p/-c at the folder nnUNetv2_train wrote, or rerun that training.")
     plans, dataset_json = load_json(join(model_folder, "plans.json")), load_json(join(model_folder, "dataset.json"))
-    fold_dirs = [d for d in subdirs(model_folder, prefix="fold_", join=False)
-                 if folds is None or d.removeprefix("fold_") in {str(f) for f in folds}]
-    exported = 0
+    present = subdirs(model_folder, prefix="fold_", join=False)
+    fold_dirs = present
+    if folds is not None:
+        wanted = [f"fold_{f}" for f in folds]
+        absent = [d for d in wanted if d not in present]
+        if absent:
+            raise NnUNetCLError(f"{model_folder} has no {', '.join(absent)} (it has: "
+                                f"{', '.join(sorted(present)) or 'no fold folder'}). Fix: pass -f with folds that "
+                                f"were trained, or leave -f out to export every fold.")
+        fold_dirs = [d for d in present if d in wanted]
+    sources = [(d, n) for d in fold_dirs for n in checkpoint_names if isfile(join(model_folder, d, n))]
+    if not sources:
+        raise NnUNetCLError(f"No {', '.join(checkpoint_names)} found in the fold folders of {model_folder} "
+                            f"({', '.join(sorted(fold_dirs)) or 'none'}). Fix: let training finish, or pass -chk with "
+                            f"the checkpoint name that is there (e.g. checkpoint_best.pth).")
+    # every checkpoint is checked before anything is written, so a failed export leaves no partial model folder
+    checked = []
+    for fold_dir, ckpt_name in sources:
+        src = join(model_folder, fold_dir, ckpt_name)
+        checkpoint = torch.load(src, map_location="cpu", weights_only=False)
+        net = stock_network(plans, dataset_json, checkpoint["init_args"]["configuration"])
+        problems = weight_mismatches(net.state_dict(), checkpoint["network_weights"], skip_seg_layers=False)
+        extra = set(checkpoint["network_weights"]) - set(net.state_dict())
+        if problems or extra:
+            raise NnUNetCLError(f"{src} does not hold a stock nnU-Net network:\n  " + "\n  ".join(
+                problems + [f"unexpected {k}" for k in sorted(extra)]))
+        checked.append((fold_dir, ckpt_name, checkpoint))
     maybe_mkdir_p(output_folder)
     for name in _MODEL_FILES:
         shutil.copy(join(model_folder, name), join(output_folder, name))
-    for fold_dir in fold_dirs:
-        for ckpt_name in checkpoint_names:
-            src = join(model_folder, fold_dir, ckpt_name)
-            if not isfile(src):
-                continue
-            checkpoint = torch.load(src, map_location="cpu", weights_only=False)
-            configuration = checkpoint["init_args"]["configuration"]
-            net = stock_network(plans, dataset_json, configuration)
-            problems = weight_mismatches(net.state_dict(), checkpoint["network_weights"], skip_seg_layers=False)
-            extra = set(checkpoint["network_weights"]) - set(net.state_dict())
-            if problems or extra:
-                raise NnUNetCLError(f"{src} does not hold a stock nnU-Net network:\n  " + "\n  ".join(
-                    problems + [f"unexpected {k}" for k in sorted(extra)]))
-            source_trainer = checkpoint["trainer_name"]
-            checkpoint.pop("nnunet_cl", None)
-            checkpoint["trainer_name"] = "nnUNetTrainer"
-            maybe_mkdir_p(join(output_folder, fold_dir))
-            torch.save(checkpoint, join(output_folder, fold_dir, ckpt_name))
-            exported += 1
-            save_json({"exported_from": model_folder, "source_trainer": source_trainer},
-                      join(output_folder, "nnunet_cl_export.json"))
-    if exported == 0:
-        raise NnUNetCLError(f"No {', '.join(checkpoint_names)} found in the fold folders of {model_folder}. Fix: "
-                            f"let training finish, or pass -chk with the checkpoint name that is there "
-                            f"(e.g. checkpoint_best.pth).")
+    source_trainers = set()
+    for fold_dir, ckpt_name, checkpoint in checked:
+        source_trainers.add(checkpoint["trainer_name"])
+        checkpoint.pop("nnunet_cl", None)
+        checkpoint["trainer_name"] = "nnUNetTrainer"
+        maybe_mkdir_p(join(output_folder, fold_dir))
+        torch.save(checkpoint, join(output_folder, fold_dir, ckpt_name))
+    save_json({"exported_from": model_folder, "source_trainer": ", ".join(sorted(source_trainers))},
+              join(output_folder, "nnunet_cl_export.json"))
     return output_folder
 
 

@@ -13,4 +13,7 @@ def ext_trainer_path() -> str:
 
 def main():
     """Print the path; `export nnUNet_extTrainer=$(nnUNetv2_cl_ext_trainer_path)` makes -tr find our trainers."""
-    print(ext_trainer_path())
+    try:
+        print(ext_trainer_path())
+    except RuntimeError as e:  # on stderr with a non-zero exit, so $(...) is empty and the shell sees the failure
+        raise SystemExit(f"nnUNetv2_cl_ext_trainer_path: error: {e}")

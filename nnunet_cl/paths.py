@@ -81,3 +81,8 @@ def load_plans(preprocessed_dataset_folder: str, plans_identifier: str, dataset:
                             f"first, or pass the plans identifier with -p.")
     with open(plans_file) as f:
         return plans_file, json.load(f)
+
+
+def is_msd_dataset_json(dataset_json: dict) -> bool:
+    """An MSD task's dataset.json (`modality`, no `channel_names`): nnUNetv2_convert_MSD_dataset must convert it."""
+    return "modality" in dataset_json and "channel_names" not in dataset_json

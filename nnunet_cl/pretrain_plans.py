@@ -118,7 +118,8 @@ def add_pretrain_configuration(plans: dict, source: str = "3d_fullres", name: st
     """
     name = name or source + SUFFIX
     if name == source:
-        raise NnUNetCLError(f"The variant cannot be named like its source configuration ({source}).")
+        raise NnUNetCLError(f"The variant cannot be named like its source configuration ({source}): it would "
+                            f"replace it. Fix: choose another -n, or leave -n out for {source}{SUFFIX}.")
     entry = pretrain_configuration(plans, source, patch, batch)
     configurations = plans.setdefault("configurations", {})
     existing = configurations.get(name)

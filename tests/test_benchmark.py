@@ -158,6 +158,26 @@ def test_ceiling_seeds_below_one_is_refused_with_the_fix():
             _ceiling_seeds(bad)
 
 
+def test_without_source_given_dataset_options_must_match_the_work_folder(tmp_path, capsys):
+    """Without -i the settings come from benchmark.json; an option given with another value is refused, not ignored."""
+    from nnunet_cl.benchmark import main
+    settings = {"source": "/data/X", "labels_folder": "labelsTr", "dataset_json": "/data/X/dataset.json",
+                "dataset_id": 950, "name": "X", "n_test": 20, "n_val": 10, "split_seed": 12345, "complete_cases": True,
+                "plans_variant": {"patch": [32, 48, 32], "batch_size": 2, "width": 16, "topology": "planned",
+                                  "spacing_factor": 2.0}}
+    (tmp_path / "benchmark.json").write_text(json.dumps({"settings": settings, "stages": {}}))
+    same = ["--n_test", "20", "--patch", "32", "48", "32", "--plan_network", "--complete_cases", "--spacing_factor",
+            "2", "--width", "16", "--dataset_json", "/data/X/dataset.json"]
+    with pytest.raises(SystemExit) as done:
+        main(["--work", str(tmp_path), "--report_only"] + same)
+    assert done.value.code == 0 and "No finished run yet" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"\(--n_test: 20 -> 30, --width: 16 -> 8\)\. Without -i .* Fix: "):
+        main(["--work", str(tmp_path), "--report_only", "--n_test", "30", "--width", "8"])
+    with pytest.raises(SystemExit, match=r"--dataset_json: /data/X/dataset.json -> /data/Y/dataset.json\)"):
+        main(["--work", str(tmp_path), "--report_only", "--dataset_json", "/data/Y/dataset.json"])
+    assert json.loads((tmp_path / "benchmark.json").read_text())["settings"] == settings
+
+
 def _plans_with_deep_network(folder: Path) -> Path:
     """A 6-stage nnUNetPlans.json as nnU-Net plans a 128^3 CT (OpenKBP's), written by hand."""
     arch = {"n_stages": 6, "features_per_stage": [32, 64, 128, 256, 320, 320],
@@ -357,7 +377,10 @@ def bench(tmp_path_factory):
     t = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
-    return {"root": root, "src": src, "work": work, "env": env, "cmd": cmd, "first": proc, "seconds": time.time() - t}
+    # later tests rerun the benchmark in this folder and append to its log: keep the first invocation's log
+    first_log = (work / "benchmark_log.txt").read_text()
+    return {"root": root, "src": src, "work": work, "env": env, "cmd": cmd, "first": proc, "first_log": first_log,
+            "seconds": time.time() - t}
 
 
 def test_dataset_test_set_never_trained_or_pretrained_on(bench):
@@ -383,8 +406,7 @@ def test_dataset_test_set_never_trained_or_pretrained_on(bench):
     pool = [i for _, i in list_pool(str(pre), "nnUNetPlans_3d_fullres", PRETRAIN_FOLD)]
     assert len(pool) == 10 and not set(pool) & test
     assert set(pool) >= train_imgs and sum(i.startswith("pool_") for i in pool) == 2
-    log = (work / "benchmark_log.txt").read_text()
-    assert "Pretraining pool: 10 cases" in log
+    assert "Pretraining pool: 10 cases" in bench["first_log"]
 
 
 def test_runs_table_plot_and_skipped_arm(bench):
@@ -402,7 +424,7 @@ def test_runs_table_plot_and_skipped_arm(bench):
     assert scratch["step_size"] == simclr["step_size"] == 1.0
     assert simclr["pretrained_weights"].endswith(
         "nnUNetTrainerSimCLRPretrain_clBenchTest__nnUNetPlans_clBench__3d_fullres/fold_0/checkpoint_final.pth")
-    log = (work / "benchmark_log.txt").read_text()
+    log = bench["first_log"]
     assert log.count("Loading pretrained weights from file") == 1  # simclr only, scratch starts from nothing
     predictions = [line for line in log.splitlines() if line.startswith("$ nnUNetv2_predict")]
     assert len(predictions) == 2 and all(line.endswith("-step_size 1.0") for line in predictions)
@@ -443,6 +465,11 @@ def test_rerun_skips_finished_runs(bench, tmp_path):
     proc = subprocess.run(other, env=bench["env"], capture_output=True, text=True,
         encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode != 0 and "n_test: 2 -> 3" in proc.stderr
+    # and so are they without -i, where the rest comes from benchmark.json
+    j = other.index("-i")
+    proc = subprocess.run(other[:j] + other[j + 2:] + ["--report_only"], env=bench["env"], capture_output=True,
+                          text=True, encoding="utf-8", errors="replace", timeout=300)
+    assert proc.returncode != 0 and "--n_test: 2 -> 3" in proc.stderr and "Without -i" in proc.stderr
 
 
 def test_interrupted_training_resumes_with_c(bench):

@@ -129,9 +129,14 @@ def _imported_modules(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("path", sorted((REPO / "nnunet_cl").rglob("*.py")), ids=lambda p: p.name)
 def test_library_never_imports_trainers(path):
-    """Dependencies flow one way: trainers/ uses nnunet_cl/, and nnunet_cl/ knows nothing of any trainer."""
+    """Dependencies flow one way: trainers/ uses nnunet_cl/, and nnunet_cl/ knows nothing of any trainer.
+
+    One exception, by name: the benchmark checks that its schedules exist with nnU-Net's own trainer lookup (as
+    nnUNetv2_train does), in a subprocess; that lookup imports every trainer module, so nothing else may use it."""
+    lookup = "nnunetv2.utilities.find_objects"
     bad = {m for m in _imported_modules(path)
-           if m.startswith("nnunet_cl_trainers") or m.startswith("nnunetv2.training.nnUNetTrainer")}
+           if m.startswith(("nnunet_cl_trainers", "nnunetv2.training.nnUNetTrainer"))
+           or (m.startswith(lookup) and path.relative_to(REPO).as_posix() != "nnunet_cl/benchmark.py")}
     assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
 
 
@@ -139,3 +144,14 @@ def test_layering_check_sees_imports_in_code_strings(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text('code = "import json\\nfrom nnunet_cl_trainers.benchmark import X\\n"\n')
     assert "nnunet_cl_trainers.benchmark" in _imported_modules(probe)
+
+
+def test_ext_trainer_path_without_the_package_fails_loudly():
+    """Not installed: a message with the fix on stderr and a non-zero exit, so `export ...=$(...)` shows it."""
+    code = ("import importlib.util\n"
+            "importlib.util.find_spec = lambda *a, **k: None  # as if nnunet_cl_trainers were not installed\n"
+            "from nnunet_cl.ext_path import main\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert "nnUNetv2_cl_ext_trainer_path: error: nnunet_cl_trainers is not installed. Fix: pip install" in proc.stderr

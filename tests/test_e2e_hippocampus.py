@@ -119,7 +119,7 @@ def test_predict_export_and_stock_predict_identical(hippo, staged_run, tmp_path)
     # without the variable, stock nnU-Net cannot find our trainer: that is why export exists
     proc = run(["nnUNetv2_predict", "-i", str(hippo["test_in"]), "-o", str(tmp_path / "x"), "-d", "905",
                 "-c", "3d_fullres", "-tr", TRAINER, "-f", "0", "-device", "cpu"], stock_env, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode != 0 and "Could not find requested nnunet trainer" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_pretrained_weights_round_trip(hippo, staged_run):

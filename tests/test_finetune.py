@@ -38,6 +38,8 @@ def test_warmup_length_and_bad_warmup():
     assert [warmup_epochs(n, 0.05) for n in (40, 1000, 10, 2)] == [2, 50, 1, 1]
     with pytest.raises(ValueError, match="warm-up of 10 epochs"):
         WarmupPolyLRScheduler(_optimizer(), 1e-3, 10, 10)
+    with pytest.raises(ValueError, match="at least 2 epochs .* Fix: num_epochs >= 2"):
+        WarmupPolyLRScheduler(_optimizer(), 1e-3, 1, warmup_epochs(1, 0.05))
 
 
 def test_trainers_use_the_recipe(nnunet_env):

@@ -7,9 +7,6 @@ import torch.nn.functional as F
 
 from nnunet_cl.losses import info_nce_two_views, labels_to_pos_mask, masked_supcon
 
-pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
-
-
 def _random_masks(n: int, p_pos: float, gen: torch.Generator, p_neg: float | None = None):
     eye = torch.eye(n, dtype=torch.bool)
     pos = (torch.rand(n, n, generator=gen) < p_pos) & ~eye
@@ -19,7 +16,13 @@ def _random_masks(n: int, p_pos: float, gen: torch.Generator, p_neg: float | Non
     return pos, neg
 
 
+def _pml_losses():
+    """pytorch-metric-learning (in the `test` extra) as the reference; only the tests that compare with it skip."""
+    return pytest.importorskip("pytorch_metric_learning.losses")
+
+
 def _pml_supcon(z, pos, neg, tau):
+    pml_losses = _pml_losses()
     a1, p = torch.where(pos)
     a2, n = torch.where(neg)
     return pml_losses.SupConLoss(temperature=tau)(z, indices_tuple=(a1, p, a2, n))
@@ -81,7 +84,7 @@ def test_info_nce_matches_pml_and_handwritten_ntxent(b):
     z1, z2 = torch.randn(b, 32, generator=gen), torch.randn(b, 32, generator=gen)
     ours = info_nce_two_views(z1, z2, temperature=0.1)
     labels = torch.arange(b).repeat(2)
-    ref = pml_losses.SupConLoss(temperature=0.1)(torch.cat([z1, z2]), labels)
+    ref = _pml_losses().SupConLoss(temperature=0.1)(torch.cat([z1, z2]), labels)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     # NT-Xent as cross-entropy over the (2B, 2B-1) logits without the diagonal (lightly's formulation)
     u = F.normalize(torch.cat([z1, z2]), dim=1)
@@ -292,15 +295,15 @@ def test_labels_to_pos_mask():
 
 def test_input_validation():
     z = torch.randn(4, 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"pos_mask must be \(4, 4\)"):
         masked_supcon(z, torch.zeros(4, 5, dtype=torch.bool))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mode must be one of"):
         masked_supcon(z, torch.zeros(4, 4, dtype=torch.bool), mode="nope")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="temperature must be > 0"):
         masked_supcon(z, torch.zeros(4, 4, dtype=torch.bool), temperature=0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"keys must be \(M, 3\)"):
         masked_supcon(z, torch.zeros(4, 6, dtype=torch.bool), keys=torch.randn(6, 2))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="z1 and z2 must both be"):
         info_nce_two_views(torch.randn(4, 3), torch.randn(5, 3))
 
 

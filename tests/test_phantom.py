@@ -1,6 +1,5 @@
 """Synthetic phantoms: geometry, intensities, reproducibility and the nnU-Net raw dataset writer."""
 import json
-import time
 
 import numpy as np
 import pytest
@@ -73,18 +72,6 @@ def test_different_seeds_differ(phantoms):
     for a, b in [(0, 1), (1, 2), (0, 5)]:
         assert not np.array_equal(phantoms[a][1], phantoms[b][1])
         assert np.abs(phantoms[a][0] - phantoms[b][0]).mean() > 5
-
-
-def test_fast():
-    make_phantom(seed=0)  # warm-up (imports, allocator)
-    best = min(_timed(lambda: make_phantom(seed=1)) for _ in range(3))
-    assert best < 1.0, f"a 48x64x64 phantom took {best:.2f} s"
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def test_write_dataset_layout(tmp_path):

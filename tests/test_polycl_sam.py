@@ -339,6 +339,8 @@ def test_cli_sam2_propagate_one_line_errors(tmp_path):
         main_sam2_propagate(["-i", str(tmp_path / "missing.nii.gz"), "--slice", "0"] + args)
     with pytest.raises(SystemExit, match="--slice 6 along --axis 0 is outside"):
         main_sam2_propagate(["-i", str(tmp_path / "img_0000.nii.gz"), "--slice", "6"] + args)
+    with pytest.raises(SystemExit, match=r"--axis 3 is not an axis of .* Fix: --axis 0, 1 or 2"):
+        main_sam2_propagate(["-i", str(tmp_path / "img_0000.nii.gz"), "--slice", "0", "--axis", "3"] + args)
 
 
 # ------------------------------------------------------------------------------------ SAM 2 propagation

@@ -218,7 +218,7 @@ def test_sizes_and_variants(make_trainer):
     assert trainer.get_pretrain_batch_size() == 12  # rounded up to whole scans
     assert make_trainer(nnUNetTrainerPolyCL_O).strategy == "O"
     trainer.pretrain_patch_size = (8, 18, 16)
-    with pytest.raises(NnUNetCLError, match="multiple"):
+    with pytest.raises(NnUNetCLError, match=r"multiple .* Fix: set pretrain_patch_size to \[8, 16, 16\]"):
         trainer.get_pretrain_patch_size()
     trainer.pretrain_patch_size = (4, 4, 4)  # one voxel at the bottleneck (downsampling 4 per axis)
     with pytest.raises(NnUNetCLError, match="one voxel at the network's bottleneck.*pretrain_patch_size = 8 4 4"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nnunet_cl_trainers import nnUNetTrainerSimCLR, nnUNetTrainerSimCLRPretrain
+import nnunet_cl_trainers.base as trainer_base
 from nnunet_cl_trainers.base import FINETUNE, PRETRAIN
 
 from helpers import fake_preprocessed_folder, tiny_plans
@@ -56,17 +57,12 @@ def test_simclr_steps_on_a_fixed_batch_lower_the_loss(make_trainer):
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def test_projection_separates_images_at_init(make_trainer):
-    """Plain average pooling of nnU-Net's InstanceNorm'd bottleneck gives nearly one vector for every image."""
-    torch.manual_seed(0)
+def test_initialize_sets_the_mmap_threshold(make_trainer, monkeypatch):
+    """The glibc setting of nnunet_cl.memory (its effect is tested in test_memory.py) is made by every trainer."""
+    calls = []
+    monkeypatch.setattr(trainer_base, "fix_mmap_threshold", calls.append)
     trainer = make_trainer()
-    x = two_view_batch()["data"]
-    with torch.no_grad():
-        bottleneck = trainer.encode(x)[-1]
-        plain = torch.nn.functional.normalize(bottleneck.flatten(2).mean(-1), dim=1)
-        ours = torch.nn.functional.normalize(trainer.cl_modules["local"](bottleneck).flatten(2).mean(-1), dim=1)
-    spread = lambda z: (1 - z @ z.T).abs().mean().item()  # noqa: E731
-    assert spread(ours) > spread(plain)
+    assert calls == [trainer.mmap_threshold_bytes] and trainer.mmap_threshold_bytes > 0
 
 
 def test_embeddings_start_spread_out_not_collapsed(make_trainer):
@@ -133,6 +129,38 @@ def test_checkpoint_from_last_pretraining_epoch_resumes_into_finetuning(make_tra
     assert isinstance(resumed.optimizer, torch.optim.SGD)  # nnU-Net's own optimiser from the switch on
     assert not any(p is q for g in resumed.optimizer.param_groups for p in g["params"]
                    for q in resumed.cl_modules.parameters())
+
+
+class _WithAuxiliaryLoss(nnUNetTrainerSimCLR):
+    """An auxiliary-loss method in miniature: a term on the heads' pooled bottleneck, added during fine-tuning."""
+
+    def auxiliary_losses(self, data, output, target):
+        pooled = self.cl_modules["local"](self.encode(data)[-1]).flatten(2).mean(-1)
+        return {"aux": pooled.pow(2).mean()}
+
+
+def test_auxiliary_loss_trains_the_heads_during_fine_tuning(make_trainer):
+    torch.manual_seed(0)
+    trainer = make_trainer(cls=_WithAuxiliaryLoss, pretrain_epochs=1, finetune_epochs=2)
+    trainer.current_epoch = 1
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    assert trainer.stage() == FINETUNE and isinstance(trainer.optimizer, torch.optim.SGD)
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in trainer.cl_modules.parameters()} <= in_optimizer
+    assert {id(p) for p in trainer.network.parameters()} <= in_optimizer
+    x = two_view_batch()["data"]
+    with torch.no_grad():
+        outputs = trainer.network(x)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    target = [torch.zeros_like(o[:, :1]) for o in outputs]  # background everywhere, at every output scale
+    target = target if len(target) > 1 else target[0]
+    head = trainer.cl_modules["local"]
+    before = [p.detach().clone() for p in head.parameters()]
+    out = trainer.train_step({"data": x, "target": target})
+    assert math.isfinite(float(out["cl_aux"])) and float(out["cl_aux"]) > 0
+    assert float(out["loss"]) > float(out["cl_aux"])  # nnU-Net's segmentation loss plus the term
+    assert out["cl_total"] == pytest.approx(float(out["cl_aux"]))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, head.parameters()))
 
 
 def test_pretraining_only_trainer_skips_validation(make_trainer, capsys):

@@ -49,7 +49,7 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        # stage lengths; thin variants change these (nnUNetTrainerSimCLR_50pt_100ep ...)
+        # stage lengths; thin variants change these (nnUNetTrainerSimCLR_50pt_250ft ...)
         self.pretrain_epochs = 100
         self.finetune_epochs = 1000
         self.pretrain_iterations_per_epoch = 250

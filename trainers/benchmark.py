@@ -20,6 +20,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import nnUNetTrainerDiceCELoss_noSmooth
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
+from nnunet_cl.benchmark_design import LONG_PRETRAIN
 from nnunet_cl_trainers.base import attribute_variant
 from nnunet_cl_trainers.finetune import FinetuneRecipe
 from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCLPretrain
@@ -215,9 +216,9 @@ def scale_epochs(attrs: dict, factor: int) -> dict:
     return {k: v * factor if k.endswith("_epochs") else v for k, v in attrs.items()}
 
 
-# The '<Method>Pretrain5x' arms: the same method and the same fine-tuning with 5 times the pretraining steps, to
-# measure whether the short pretraining of the schedules is what limits the gain (docs/benchmarks.md).
-LONG_PRETRAIN = 5
+# The '<Method>Pretrain5x' arms (LONG_PRETRAIN, set in nnunet_cl.benchmark_design, which names the arms): the same
+# method and fine-tuning with 5 times the pretraining steps, to measure whether the short pretraining of the
+# schedules is what limits the gain (docs/benchmarks.md).
 
 
 def _define(base: type) -> None:

@@ -22,6 +22,9 @@ class WarmupPolyLRScheduler(PolyLRScheduler):
     """
 
     def __init__(self, optimizer, initial_lr: float, max_steps: int, warmup_steps: int, exponent: float = 0.9):
+        if max_steps < 2:
+            raise ValueError(f"a warm-up schedule needs at least 2 epochs (1 of warm-up), got {max_steps}. Fix: "
+                             f"num_epochs >= 2, or nnU-Net's own schedule (nnUNetTrainer) for a 1-epoch run.")
         if not 1 <= warmup_steps < max_steps:
             raise ValueError(f"warm-up of {warmup_steps} epochs needs 1 <= warm-up < {max_steps} epochs")
         self.warmup_steps = warmup_steps

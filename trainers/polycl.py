@@ -82,8 +82,11 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
         if self.pretrain_patch_size is not None:
             patch = [int(p) for p in self.pretrain_patch_size]
             if len(patch) != len(divisor) or any(p <= 0 or p % d for p, d in zip(patch, divisor)):
-                raise NnUNetCLError(f"pretrain_patch_size {patch} must have one multiple of the network's downsampling "
-                                    f"{divisor} per axis.")
+                nearest = [max(d, round(p / d) * d) for p, d in zip(patch, divisor)] if len(patch) == len(divisor) \
+                    else None
+                raise NnUNetCLError(f"pretrain_patch_size {patch}: each axis must be a positive multiple of the "
+                                    f"network's total downsampling {divisor}. Fix: set pretrain_patch_size to "
+                                    f"{nearest or f'{len(divisor)} such values'}.")
             check_bottleneck(patch, divisor, "pretrain_patch_size =")
         elif self.is_pretrain_plans_variant():
             patch = [int(p) for p in self.configuration_manager.patch_size]

@@ -215,10 +215,12 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         return best
 
     def build_cl_modules(self) -> nn.ModuleDict:
-        if self.objective not in ("simsiam", "byol"):
-            raise ValueError(f"objective must be 'simsiam' or 'byol'; got {self.objective!r}")
-        if self.distill_loss not in ("cosine", "kl"):
-            raise ValueError(f"distill_loss must be 'cosine' or 'kl'; got {self.distill_loss!r}")
+        # attributes checked here, before the region phase trains, not when an expert epoch first needs them
+        for attr, allowed in (("objective", ("simsiam", "byol")), ("distill_loss", ("cosine", "kl")),
+                              ("cluster_features", ("projection", "pooled"))):
+            if getattr(self, attr) not in allowed:
+                raise ValueError(f"{attr} must be one of {allowed}; got {getattr(self, attr)!r}. Fix: set "
+                                 f"self.{attr} in your subclass's __init__ to one of them.")
         if self._conv_op() is not nn.Conv3d:
             raise ValueError(f"SepaReg separates 3d volumes into 3d region crops; configuration "
                              f"{self.configuration_name!r} is 2d. Fix: train a 3d configuration (3d_fullres).")

@@ -268,7 +268,10 @@ def _propagate_file(args, sitk) -> None:
     volume = sitk.GetArrayFromImage(image)
     if volume.ndim != 3:
         raise NnUNetCLError(f"{args.i} is not a single-channel 3-D image (array shape {volume.shape}).")
-    if not -volume.ndim <= args.axis < volume.ndim or not 0 <= args.slice < volume.shape[args.axis]:
+    if not -volume.ndim <= args.axis < volume.ndim:
+        raise NnUNetCLError(f"--axis {args.axis} is not an axis of {args.i} (array shape {volume.shape}, z y x). "
+                            f"Fix: --axis 0, 1 or 2.")
+    if not 0 <= args.slice < volume.shape[args.axis]:
         raise NnUNetCLError(f"--slice {args.slice} along --axis {args.axis} is outside {args.i} (array shape "
                             f"{volume.shape}). Fix: a slice index from 0 to {volume.shape[args.axis % 3] - 1}.")
     slice_mask = load_slice_mask(args.s, volume.shape, args.slice, args.axis)

@@ -27,6 +27,7 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 
+from .defaults import CACHE_FOLDER
 from .separation import separate_case
 
 __all__ = ["build_region_cache", "load_region_cache", "RegionIndex", "PreprocessedCaseLoader", "cache_path"]
@@ -177,7 +178,8 @@ def build_region_cache(cases: Sequence[tuple[str, CaseSpec]], out_folder: str, n
         cases: ``(case_id, loader)`` pairs; a loader is a callable returning ``(image (z, y, x), spacing)``,
             or ``(folder, identifier)`` / ``(folder, identifier, spacing)`` of nnU-Net's preprocessed data
             (:class:`PreprocessedCaseLoader`).
-        out_folder: created if needed, e.g. ``<nnUNet_preprocessed>/DatasetXXX/separeg_regions_3d_fullres``;
+        out_folder: created if needed; the trainers use ``<nnUNet_preprocessed>/DatasetXXX/nnunet_cl_separeg/
+            <data_identifier>`` (``CACHE_FOLDER``);
             never nnU-Net's own data folder (its format detection expects one file type there).
         num_processes: worker processes (a ``fork`` pool where available, so loaders may be lambdas;
             elsewhere the loaders must be picklable). 1 runs in this process.
@@ -203,7 +205,7 @@ def build_region_cache(cases: Sequence[tuple[str, CaseSpec]], out_folder: str, n
     if foreign:
         raise ValueError(f"{out_folder} holds nnU-Net data ({foreign[0]}, ...). Writing .npz files there would break "
                          f"nnU-Net's dataset-format detection. Fix: use a separate folder, e.g. "
-                         f"<nnUNet_preprocessed>/DatasetXXX/separeg_regions_3d_fullres.")
+                         f"<nnUNet_preprocessed>/DatasetXXX/{CACHE_FOLDER}/<data_identifier>, as the trainers do.")
     key = _params_key(separation_kwargs, crop_dtype)
     jobs, skipped, stale = [], [], []
     for case_id, spec in cases:
