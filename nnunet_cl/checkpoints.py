@@ -6,7 +6,7 @@ from os.path import isfile, join
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunet_cl.paths import NnUNetCLError, preprocessed_folder
+from nnunet_cl.paths import NnUNetCLError, load_plans, preprocessed_folder
 
 
 def stock_network(plans: dict, dataset_json: dict, configuration: str) -> torch.nn.Module:
@@ -54,10 +54,8 @@ def check_pretrained(checkpoint_file: str, dataset: str | int, configuration: st
         raise NnUNetCLError(f"Checkpoint {checkpoint_file} does not exist. Fix: give the path of a "
                             f"checkpoint_final.pth (or checkpoint_best.pth) that a pretraining run wrote.")
     folder = preprocessed_folder(dataset)
-    plans_file = join(folder, plans_identifier + ".json")
-    if not isfile(plans_file):
-        raise NnUNetCLError(f"Plans {plans_file} not found. Fix: nnUNetv2_plan_and_preprocess -d {dataset}.")
-    net = stock_network(load_json(plans_file), load_json(join(folder, "dataset.json")), configuration)
+    _, plans = load_plans(folder, plans_identifier, dataset)
+    net = stock_network(plans, load_json(join(folder, "dataset.json")), configuration)
     checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
     return weight_mismatches(net.state_dict(), checkpoint.get("network_weights", checkpoint))
 

@@ -3,6 +3,11 @@ import torch
 from torch import nn
 
 
+def local_head(channels: int, conv_op=nn.Conv3d) -> nn.Sequential:
+    """1x1 conv + LeakyReLU, applied to a feature map before global average pooling (see below for why)."""
+    return nn.Sequential(conv_op(channels, channels, 1), nn.LeakyReLU(inplace=True))
+
+
 def pooled_projection_heads(channels: int, hidden: int, out_dim: int, conv_op=nn.Conv3d) -> dict[str, nn.Module]:
     """{'local': 1x1 conv + LeakyReLU, 'projector': MLP channels -> hidden (BatchNorm) -> out_dim}.
 
@@ -14,7 +19,7 @@ def pooled_projection_heads(channels: int, hidden: int, out_dim: int, conv_op=nn
     shared component across the batch, so training starts from spread-out embeddings (measured in
     docs/methods/simclr.md). Needs at least 2 samples per step in training mode.
     """
-    return {"local": nn.Sequential(conv_op(channels, channels, 1), nn.LeakyReLU(inplace=True)),
+    return {"local": local_head(channels, conv_op),
             "projector": nn.Sequential(nn.Linear(channels, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
                                        nn.Linear(hidden, out_dim))}
 

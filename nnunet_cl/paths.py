@@ -77,8 +77,11 @@ def load_plans(preprocessed_dataset_folder: str, plans_identifier: str, dataset:
     """(plans file, plans) of a preprocessed dataset, or an error saying how to make them."""
     plans_file = join(preprocessed_dataset_folder, plans_identifier + ".json")
     if not os.path.isfile(plans_file):
-        raise NnUNetCLError(f"Plans {plans_file} not found. Fix: run nnUNetv2_plan_and_preprocess -d {dataset} "
-                            f"first, or pass the plans identifier with -p.")
+        found = sorted(f[:-5] for f in os.listdir(preprocessed_dataset_folder)
+                       if f.endswith(".json") and f not in ("dataset.json", "dataset_fingerprint.json")
+                       and not f.startswith("splits")) if isdir(preprocessed_dataset_folder) else []
+        raise NnUNetCLError(f"Plans {plans_file} not found (plans present: {', '.join(found) or 'none'}). Fix: run "
+                            f"nnUNetv2_plan_and_preprocess -d {dataset} first, or pass the plans identifier with -p.")
     with open(plans_file) as f:
         return plans_file, json.load(f)
 
@@ -86,3 +89,22 @@ def load_plans(preprocessed_dataset_folder: str, plans_identifier: str, dataset:
 def is_msd_dataset_json(dataset_json: dict) -> bool:
     """An MSD task's dataset.json (`modality`, no `channel_names`): nnUNetv2_convert_MSD_dataset must convert it."""
     return "modality" in dataset_json and "channel_names" not in dataset_json
+
+
+def resolved_configuration(plans: dict, name: str) -> dict:
+    """`plans['configurations'][name]` with nnU-Net's `inherits_from` resolved: parents first, the child's keys win.
+
+    Written out rather than through nnU-Net's PlansManager, which also builds the network's settings and so
+    needs complete plans."""
+    configs, chain = plans["configurations"], []
+    while name is not None:
+        if name not in configs or len(chain) >= len(configs):  # unknown, or a cycle
+            raise NnUNetCLError(f"configuration {name!r} is not in the plans or inherits in a circle (available: "
+                                f"{sorted(configs)}). Fix: pick one of them, or mend `inherits_from` in the plans.")
+        chain.append(configs[name])
+        name = configs[name].get("inherits_from")
+    out = {}
+    for c in reversed(chain):
+        out.update(c)
+    out.pop("inherits_from", None)
+    return out

@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_cl.image_io import check_volume, find_sources, read_source
-from nnunet_cl.paths import NnUNetCLError, dataset_name, require_env, save_json_atomic
+from nnunet_cl.paths import NnUNetCLError, dataset_name, load_plans, require_env, save_json_atomic
 from nnunet_cl.splits import preprocessed_identifiers, validation_cases
 
 POOL_FOLDER = "nnunet_cl_pool"
@@ -228,15 +228,7 @@ def _process_source(source: dict, case_id: str, todo: dict[str, str], pool_folde
 
 
 def _load_plans_and_dataset_json(preprocessed_dataset_folder: str, plans_identifier: str, dataset: str):
-    plans_file = join(preprocessed_dataset_folder, plans_identifier + ".json")
-    if not isfile(plans_file):
-        found = sorted(f[:-5] for f in os.listdir(preprocessed_dataset_folder)
-                       if f.endswith(".json") and f not in ("dataset.json", "dataset_fingerprint.json")
-                       and not f.startswith("splits"))
-        raise NnUNetCLError(f"Plans {plans_file} not found (plans present: {found or 'none'}). Fix: run "
-                            f"nnUNetv2_plan_and_preprocess -d {dataset} first, or pass the right -p.")
-    with open(plans_file) as f:
-        plans = json.load(f)
+    _, plans = load_plans(preprocessed_dataset_folder, plans_identifier, dataset)
     dataset_json_file = join(preprocessed_dataset_folder, "dataset.json")
     if not isfile(dataset_json_file):
         dataset_json_file = join(require_env("nnUNet_raw"), basename(preprocessed_dataset_folder), "dataset.json")

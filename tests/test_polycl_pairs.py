@@ -7,6 +7,7 @@ from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.polycl.pairs import (
     normalize_presence,
     patch_organ_presence,
+    organ_class_locations,
     presence_from_class_locations,
     sample_patch_batch,
     sample_triplets,
@@ -189,6 +190,17 @@ def test_presence_from_class_locations():
     assert not presence_from_class_locations(None, bbox, 1)
     with pytest.raises(ValueError):
         presence_from_class_locations(locs, [[0, 20], [0, 20]], 1)
+    # with an ignore label nnU-Net adds the annotated area under (-1, *labels): not an organ
+    annotated = {0: np.array([[0, 1, 1, 1]]), (-1, 0, 1): np.array([[0, 1, 1, 1]])}
+    assert not presence_from_class_locations(annotated, bbox, None)
+
+
+def test_organ_locations_skip_background_empty_and_annotated_key():
+    locs = {0: np.ones((3, 4)), 1: np.ones((2, 4)), 2: np.zeros((0, 4)), (-1, 0, 1, 2): np.ones((5, 4)),
+            3: np.ones((1, 4))}
+    assert set(organ_class_locations(locs)) == {1, 3}
+    assert set(organ_class_locations(locs, [3])) == {3} and set(organ_class_locations(locs, 2)) == set()
+    assert organ_class_locations(None) == {}
 
 
 def test_sample_patch_batch_gives_S_positives_and_negatives():

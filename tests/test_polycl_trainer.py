@@ -21,7 +21,7 @@ from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.pretrain_plans import add_pretrain_configuration, network_divisor, reduced_patch_size
 from nnunet_cl_trainers.polycl import (nnUNetTrainerPolyCL, nnUNetTrainerPolyCL_M, nnUNetTrainerPolyCL_O,
                                        nnUNetTrainerPolyCLPretrain)
-from nnunet_cl_trainers.polycl_data import PolyCLPatchLoader, PolyCLPoolDataset, organ_class_locations
+from nnunet_cl_trainers.polycl_data import PolyCLPatchLoader, PolyCLPoolDataset
 
 from helpers import cli_env, fake_preprocessed_folder, run, tiny_plans
 
@@ -161,13 +161,6 @@ def test_nonzero_mask_is_read_only_when_normalisation_needs_it(tiny_pool):
     data, seg, _, props = PolyCLPoolDataset(members, known).load_case("case_c")
     assert not seg.any() and seg.shape == (1, *SHAPE) and props["class_locations"] == {}
     assert not props["presence_known"]
-
-
-def test_organ_locations_skip_background_and_annotated_key():
-    locs = {0: np.ones((3, 4)), 1: np.ones((2, 4)), 2: np.zeros((0, 4)), (-1, 0, 1, 2): np.ones((5, 4)),
-            3: np.ones((1, 4))}
-    assert set(organ_class_locations(locs, None, (-1, 0, 1, 2))) == {1, 3}
-    assert set(organ_class_locations(locs, [3])) == {3}
 
 
 # ------------------------------------------------------------------------------------------------ steps

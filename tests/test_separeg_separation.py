@@ -271,3 +271,17 @@ def test_cache_reads_nnunet_preprocessed_cases(tmp_path):
         np.testing.assert_array_equal(f["spacing"], [4.0, 2.0, 2.0])
     with pytest.raises(ValueError, match="nnU-Net data"):
         build_region_cache([("x", (str(data_folder), "case_000"))], str(data_folder), progress=False)
+
+
+def test_shared_defaults_are_the_functions_defaults():
+    """SEPARATION_DEFAULTS (trainers, preview) and separate_case's signature (scikit-image style) cannot drift."""
+    import inspect
+
+    from nnunet_cl.separeg.defaults import SEPARATION_DEFAULTS
+    from nnunet_cl.separeg.separation import filter_regions, separate_case, supervoxels
+    for fn in (separate_case, supervoxels, filter_regions):
+        params = inspect.signature(fn).parameters
+        for key, value in SEPARATION_DEFAULTS.items():
+            if key in params and not (fn is filter_regions and key == "min_size"):  # there 0: the caller decides
+                assert params[key].default == value, (fn.__name__, key)
+    assert set(SEPARATION_DEFAULTS) <= set(inspect.signature(separate_case).parameters)

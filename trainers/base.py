@@ -153,6 +153,10 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
                                    self.configuration_manager.patch_size, self.label_manager,
                                    oversample_foreground_percent=0.0, transforms=transforms)
         self.print_to_log_file(f"Pretraining pool: {len(members)} cases, {batch_size} samples x 2 views per step")
+        return self.augmenter(loader)
+
+    def augmenter(self, loader):
+        """The loader in nnU-Net's background augmenter, with nnU-Net's worker count (nnUNet_n_proc_DA)."""
         n_proc = get_allowed_n_proc_DA()
         if n_proc == 0:
             return SingleThreadedAugmenter(loader, None)

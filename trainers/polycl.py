@@ -13,11 +13,8 @@ nnUNetTrainerPolyCLPretrain (pool only; its checkpoint goes to -pretrained_weigh
 """
 import numpy as np
 import torch
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.configuration import ANISO_THRESHOLD
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
-from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import nn
 
 from nnunet_cl.heads import pooled_embedding, pooled_projection_heads
@@ -26,7 +23,7 @@ from nnunet_cl.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, poly
 from nnunet_cl.polycl.pairs import STRATEGIES, normalize_presence, sample_triplets, strategy_masks, valid_anchor_mask
 from nnunet_cl.pretrain_plans import check_bottleneck, network_divisor, reduced_patch_size
 from nnunet_cl.pool import list_pool
-from nnunet_cl_trainers.base import PRETRAIN, nnUNetTrainerCLBase
+from nnunet_cl_trainers.base import PRETRAIN, attribute_variant, nnUNetTrainerCLBase
 from nnunet_cl_trainers.polycl_data import PolyCLPatchLoader, PolyCLPoolDataset
 
 LOSS_FORMS = ("infonce", "triplet")
@@ -158,11 +155,7 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
         if self.strategy.upper() != "S" and n_known == 0:
             self.print_to_log_file(f"PolyCL-{self.strategy.upper()}: no pool case has known organ presence, so every "
                                    f"anchor falls back to S.")
-        n_proc = get_allowed_n_proc_DA()
-        if n_proc == 0:
-            return SingleThreadedAugmenter(loader, None)
-        return NonDetMultiThreadedAugmenter(loader, None, n_proc, max(6, n_proc // 2), None,
-                                            pin_memory=self.device.type == "cuda", wait_time=0.002)
+        return self.augmenter(loader)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding: stock encoder bottleneck -> 1x1 conv + LeakyReLU -> global average -> MLP."""
@@ -214,49 +207,12 @@ class nnUNetTrainerPolyCLPretrain(nnUNetTrainerPolyCL):
         self.finetune_epochs = 0
 
 
-class nnUNetTrainerPolyCL_S(nnUNetTrainerPolyCL):
-    """PolyCL-S: same scan = positive, other scans = negatives. Needs no labels."""
+_STRATEGIES = {"S": "same scan = positive, other scans = negatives. Needs no labels",
+               "O": "same organ presence = positive, opposite presence = negative (any scan)",
+               "M": "same scan and same presence = positive; another scan without the organ = negative"}
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.strategy = "S"
-
-
-class nnUNetTrainerPolyCL_O(nnUNetTrainerPolyCL):
-    """PolyCL-O: same organ presence = positive, opposite presence = negative (any scan)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.strategy = "O"
-
-
-class nnUNetTrainerPolyCL_M(nnUNetTrainerPolyCL):
-    """PolyCL-M: same scan and same presence = positive; another scan without the organ = negative."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.strategy = "M"
-
-
-class nnUNetTrainerPolyCLPretrain_S(nnUNetTrainerPolyCLPretrain):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.strategy = "S"
-
-
-class nnUNetTrainerPolyCLPretrain_O(nnUNetTrainerPolyCLPretrain):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.strategy = "O"
-
-
-class nnUNetTrainerPolyCLPretrain_M(nnUNetTrainerPolyCLPretrain):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.strategy = "M"
+for _s, _rule in _STRATEGIES.items():  # nnUNetTrainerPolyCL_S, ..., nnUNetTrainerPolyCLPretrain_M
+    for _base, _what in ((nnUNetTrainerPolyCL, ""), (nnUNetTrainerPolyCLPretrain, ", pretraining only")):
+        _name = f"{_base.__name__}_{_s}"
+        globals()[_name] = attribute_variant(_base, _name, __name__, f"PolyCL-{_s}{_what}: {_rule}.", strategy=_s)
+del _s, _rule, _base, _what, _name

@@ -17,10 +17,9 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
 
-from nnunet_cl.polycl.pairs import presence_from_class_locations, sample_patch_batch
+from nnunet_cl.polycl.pairs import UNKNOWN, organ_class_locations, presence_from_class_locations, sample_patch_batch
 from nnunet_cl_trainers.pool_data import PoolDataset
 
-UNKNOWN = -1
 
 
 class PolyCLPoolDataset(PoolDataset):
@@ -59,27 +58,6 @@ class PolyCLPoolDataset(PoolDataset):
         properties["class_locations"] = class_locations
         properties["presence_known"] = known
         return data, seg, None, properties
-
-
-def organ_class_locations(class_locations: dict, organ_labels=None, annotated_classes_key=None) -> dict:
-    """The entries of `class_locations` that count as "the organ", non-empty ones only.
-
-    organ_labels None: every foreground label (any key with a label > 0). nnU-Net's annotated-area key (a tuple
-    starting with -1, present with an ignore label) is never an organ.
-    """
-    wanted = None if organ_labels is None else {int(v) for v in np.atleast_1d(organ_labels)}
-    out = {}
-    for key, coords in (class_locations or {}).items():
-        if annotated_classes_key is not None and key == annotated_classes_key:
-            continue
-        labels = {int(k) for k in key} if isinstance(key, (tuple, list)) else {int(key)}
-        if -1 in labels:
-            continue
-        if (wanted is None and not labels - {0}) or (wanted is not None and not labels & wanted):
-            continue
-        if len(coords):
-            out[key] = coords
-    return out
 
 
 class PolyCLPatchLoader(nnUNetDataLoader):
@@ -136,8 +114,7 @@ class PolyCLPatchLoader(nnUNetDataLoader):
                 key = self.case_ids[idx]
                 data, seg, _, properties = self._data.load_case(key)
                 known = bool(properties.get("presence_known", False))
-                organ_locs = organ_class_locations(properties["class_locations"], self.organ_labels,
-                                                   self.annotated_classes_key) if known else {}
+                organ_locs = organ_class_locations(properties["class_locations"], self.organ_labels) if known else {}
                 shape = data.shape[1:]
                 for _ in range(case_index.count(idx)):
                     if not known:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import nn
 
+from nnunet_cl.heads import local_head
 from nnunet_cl.pool import list_pool
 from nnunet_cl.separeg.cache import PreprocessedCaseLoader, build_region_cache, load_region_cache
 from nnunet_cl.separeg.clustering import expert_blocks, kmeans_regions
@@ -230,9 +231,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         enc = self.unwrapped_network.encoder
         channels = enc.output_channels[self.resolved_feature_stage()]
         mods = nn.ModuleDict({
-            # nnU-Net's stages end in InstanceNorm + LeakyReLU, so a plain average over space is nearly constant;
-            # a 1x1 conv and nonlinearity before pooling keeps it informative (as in SimCLR here)
-            "local": nn.Sequential(self._conv_op()(channels, channels, 1), nn.LeakyReLU(inplace=True)),
+            "local": local_head(channels, self._conv_op()),  # as SimCLR's: pooling nnU-Net's stages needs it
             "projector": mlp_head(channels, self.projection_hidden, self.projection_dim),
             "predictor": mlp_head(self.projection_dim, self.predictor_hidden, self.projection_dim)})
         if self.objective == "byol":
@@ -602,7 +601,7 @@ nnUNetTrainerSepaRegKLPretrain = _variant(nnUNetTrainerSepaRegPretrain, "nnUNetT
                                           distill_loss="kl")
 for _base in (nnUNetTrainerSepaReg, nnUNetTrainerSepaRegBYOL, nnUNetTrainerSepaRegPretrain,
               nnUNetTrainerSepaRegBYOLPretrain):
-    for _k in (4, 8):
+    for _k in (4, 8):  # _k4 is the default k, named so that a sweep over k reads alike
         _name = f"{_base.__name__}_k{_k}"
         globals()[_name] = _variant(_base, _name, k=_k)
 del _base, _k, _name

@@ -17,7 +17,7 @@ def _stages(base, pretrain_epochs: int, finetune_epochs: int | None = None):
 
 nnUNetTrainerSimCLR_10pt_50ft = _stages(nnUNetTrainerSimCLR, 10, 50)
 nnUNetTrainerSimCLR_50pt_250ft = _stages(nnUNetTrainerSimCLR, 50, 250)
-nnUNetTrainerSimCLR_100pt_1000ft = _stages(nnUNetTrainerSimCLR, 100, 1000)
+nnUNetTrainerSimCLR_100pt_1000ft = _stages(nnUNetTrainerSimCLR, 100, 1000)  # the defaults, named for sweeps
 nnUNetTrainerSimCLRPretrain_10pt = _stages(nnUNetTrainerSimCLRPretrain, 10)
 nnUNetTrainerSimCLRPretrain_50pt = _stages(nnUNetTrainerSimCLRPretrain, 50)
 nnUNetTrainerSimCLRPretrain_300pt = _stages(nnUNetTrainerSimCLRPretrain, 300)

@@ -48,6 +48,7 @@ __all__ = [
     "valid_anchor_mask",
     "sample_triplets",
     "patch_organ_presence",
+    "organ_class_locations",
     "presence_from_class_locations",
     "sample_patch_batch",
 ]
@@ -221,6 +222,24 @@ def patch_organ_presence(seg_patch, organ_labels=None) -> bool:
     return bool(np.isin(seg, np.fromiter(labels, dtype=np.int64)).any())
 
 
+def organ_class_locations(class_locations: Mapping | None, organ_labels=None) -> dict:
+    """The non-empty entries of nnU-Net's ``class_locations`` that count as "the organ".
+
+    organ_labels None: every foreground key (any key with a label > 0); otherwise keys sharing a label with
+    ``organ_labels``. A key holding -1 (nnU-Net's annotated-area key, present with an ignore label) is never
+    an organ.
+    """
+    wanted = _label_set(organ_labels)
+    out = {}
+    for key, coords in (class_locations or {}).items():
+        labels = {int(k) for k in key} if isinstance(key, (tuple, list)) else {int(key)}
+        if -1 in labels or (not labels - {0} if wanted is None else not labels & wanted):
+            continue
+        if len(coords):
+            out[key] = coords
+    return out
+
+
 def presence_from_class_locations(class_locations: Mapping | None, bbox: Sequence[Sequence[int]],
                                   organ_labels=None) -> bool:
     """Organ presence of a patch from nnU-Net's ``class_locations``, without loading the segmentation.
@@ -238,24 +257,15 @@ def presence_from_class_locations(class_locations: Mapping | None, bbox: Sequenc
     grazes only a few organ voxels can be reported as organ-free. Use ``patch_organ_presence`` on the
     cropped segmentation when that matters.
     """
-    if not class_locations:
+    organ_locations = organ_class_locations(class_locations, organ_labels)
+    if not organ_locations:
         return False
-    labels = _label_set(organ_labels)
     bbox = np.asarray(bbox, dtype=np.int64)
     if bbox.ndim != 2 or bbox.shape[1] != 2:
         raise ValueError(f"bbox must be [[lb, ub], ...] per spatial axis, got {bbox.tolist()}")
     lbs, ubs = bbox[:, 0], bbox[:, 1]
-    for key, coords in class_locations.items():
-        key_labels = {int(k) for k in key} if isinstance(key, (tuple, list)) else {int(key)}
-        if labels is None:
-            if key_labels <= {0}:
-                continue
-        elif not (key_labels & labels):
-            continue
-        coords = np.asarray(coords)
-        if coords.size == 0:
-            continue
-        spatial = coords[:, 1:]  # column 0 is the channel
+    for coords in organ_locations.values():
+        spatial = np.asarray(coords)[:, 1:]  # column 0 is the channel
         if spatial.shape[1] != lbs.shape[0]:
             raise ValueError(f"class_locations have {spatial.shape[1]} spatial axes but bbox has {lbs.shape[0]}")
         if np.any(np.all((spatial >= lbs) & (spatial < ubs), axis=1)):

@@ -39,6 +39,7 @@ CaseSpec = Union[Loader, tuple]
 # ----------------------------------------------------------------------------------------------- loaders
 def _spacing_from_plans(folder: str) -> list[float]:
     """Spacing of the configuration whose data_identifier is the folder's name (plans json beside it)."""
+    from nnunet_cl.paths import NnUNetCLError, resolved_configuration
     ident = basename(os.path.normpath(folder))
     for plans_file in sorted(glob(join(dirname(os.path.normpath(folder)), "*.json"))):
         try:
@@ -49,16 +50,13 @@ def _spacing_from_plans(folder: str) -> list[float]:
         configs = plans.get("configurations") if isinstance(plans, dict) else None
         if not isinstance(configs, dict):
             continue
-
-        def resolve(name: str, key: str, depth: int = 0):
-            c = configs.get(name, {})
-            if key in c or depth > 8 or "inherits_from" not in c:
-                return c.get(key)
-            return resolve(c["inherits_from"], key, depth + 1)
-
         for name in configs:
-            if resolve(name, "data_identifier") == ident and resolve(name, "spacing") is not None:
-                return [float(s) for s in resolve(name, "spacing")]
+            try:
+                c = resolved_configuration(plans, name)
+            except NnUNetCLError:  # a broken configuration in some json: not the one we look for
+                continue
+            if c.get("data_identifier") == ident and c.get("spacing") is not None:
+                return [float(s) for s in c["spacing"]]
     raise ValueError(f"cannot find the spacing of {folder}: no plans json beside it has a configuration with "
                      f"data_identifier {ident!r}. Fix: pass (folder, identifier, spacing) or a loader callable.")
 

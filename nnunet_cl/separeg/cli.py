@@ -15,40 +15,33 @@ import argparse
 import os
 import time
 from collections import Counter
-from os.path import isdir, join
+from os.path import join
 
 import numpy as np
 
-from nnunet_cl.paths import NnUNetCLError, dataset_name, load_plans, require_env
+from nnunet_cl.paths import NnUNetCLError, dataset_name, load_plans, require_env, resolved_configuration
 from nnunet_cl.separeg.defaults import SEPARATION_DEFAULTS
 
 __all__ = ["preview", "main"]
 
 
 def _configuration(plans: dict, name: str) -> dict:
-    configs = plans["configurations"]
-    if name not in configs:
-        raise NnUNetCLError(f"configuration {name!r} is not in the plans (available: {sorted(configs)}). Fix: pick "
-                            f"one with -c.")
-    c, seen = dict(configs[name]), {name}
-    while "inherits_from" in c:  # nnU-Net's configuration inheritance
-        parent = c.pop("inherits_from")
-        if parent in seen:
-            break
-        seen.add(parent)
-        c = {**configs[parent], **c}
-    return c
+    """The configuration `name` with nnU-Net's inheritance (`inherits_from`) resolved."""
+    if name not in plans["configurations"]:
+        raise NnUNetCLError(f"configuration {name!r} is not in the plans (available: "
+                            f"{sorted(plans['configurations'])}). Fix: pick one with -c.")
+    return resolved_configuration(plans, name)
 
 
 def _cases(folder: str, data_identifier: str) -> list[tuple[str, str]]:
     """(folder, identifier) of the labeled dataset's preprocessed images and of the ingested pool cases."""
     from nnunet_cl.pool import pool_identifiers
-    out = []
+    from nnunet_cl.splits import preprocessed_identifiers
     labeled = join(folder, data_identifier)
-    if isdir(labeled):
-        ids = sorted({f[:-len(e)] for f in os.listdir(labeled) for e in (".b2nd", ".npz", ".npy", ".pkl")
-                      if f.endswith(e) and not f[:-len(e)].endswith("_seg") and not f.startswith(".")})
-        out += [(labeled, i) for i in ids]
+    try:
+        out = [(labeled, i) for i in preprocessed_identifiers(folder, data_identifier)]
+    except NnUNetCLError:  # no labeled cases in this configuration: the pool alone may do
+        out = []
     return out + pool_identifiers(folder, data_identifier)
 
 
