@@ -21,7 +21,6 @@ from nnunet_cl.polycl.pairs import UNKNOWN, organ_class_locations, presence_from
 from nnunet_cl_trainers.pool_data import PoolDataset
 
 
-
 class PolyCLPoolDataset(PoolDataset):
     """The pool (images only, as PoolDataset), plus class locations for the cases whose presence is known.
 
