@@ -347,7 +347,7 @@ def test_report_as_tables_a_subset_of_the_runs(tmp_path):
 
 
 def test_augmenter_seeds_fresh_resumed_and_per_rank():
-    from nnunet_cl_trainers.benchmark import augmenter_seed
+    from nnunet_cl_trainers.seeding import augmenter_seed
     assert augmenter_seed(3, 1, 0) == 3100 and augmenter_seed(3, 2, 1) == 3201  # fresh run, one process
     keys = [(a, w, e, r) for a in (1, 2) for w in range(2) for e in (0, 5) for r in (0, 1)]
     seeds = [augmenter_seed(3, a, w, epoch=e, rank=r) for a, w, e, r in keys]
@@ -523,6 +523,41 @@ def test_finetuning_is_seeded_by_fold_so_arms_are_paired(bench, tmp_path):
     assert first.keys() == again.keys()
     for key in first:
         assert torch.equal(first[key], again[key]), key
+
+
+
+def _pretrain(bench, trainer: str, results) -> dict:
+    """One pretraining run (fold 0, the pool) of the bench folder's dataset into `results`; its final checkpoint."""
+    import torch
+    work = bench["work"]
+    env = dict(bench["env"], nnUNet_raw=str(work / "nnUNet_raw"), nnUNet_preprocessed=str(work / "nnUNet_preprocessed"),
+               nnUNet_results=str(results), nnUNet_compile="0")
+    cmd = ["nnUNetv2_train", "950", "3d_fullres", str(PRETRAIN_FOLD), "-tr", trainer, "-p", "nnUNetPlans_clBench",
+           "-device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(next(Path(results).glob(f"Dataset950_Phantom/{trainer}__*/fold_{PRETRAIN_FOLD}/"
+                                              f"checkpoint_final.pth")), map_location="cpu", weights_only=False)
+
+
+def _assert_same_weights(first: dict, again: dict):
+    import torch
+    for part in ("network_weights", "cl_modules"):
+        a = first[part] if part == "network_weights" else first["nnunet_cl"][part]
+        b = again[part] if part == "network_weights" else again["nnunet_cl"][part]
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert torch.equal(a[key], b[key]), (part, key)
+
+
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerSimCLRPretrain_clBenchTest",
+                                     "nnUNetTrainerPolyCLPretrain_clBenchTest"])
+def test_pretrainings_are_seeded_so_a_table_repeats(bench, tmp_path, trainer):
+    """A benchmark pretraining run twice gives the same weights, heads included: the network's initialisation and
+    the pool batches (nnU-Net's augmentation in a worker process; PolyCL's own patch loader) follow its seed."""
+    first = _pretrain(bench, trainer, tmp_path / "first")
+    assert first["current_epoch"] == 2  # it trained
+    _assert_same_weights(first, _pretrain(bench, trainer, tmp_path / "again"))
 
 
 PAIRING = r"""

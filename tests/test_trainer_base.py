@@ -65,6 +65,30 @@ def test_initialize_sets_the_mmap_threshold(make_trainer, monkeypatch):
     assert calls == [trainer.mmap_threshold_bytes] and trainer.mmap_threshold_bytes > 0
 
 
+
+def test_training_seed_fixes_initialisation_and_augmentation_streams(make_trainer, monkeypatch):
+    """With training_seed the network and the heads start alike in every run, and each augmenter of the run gets
+    worker seeds of its own (trainers/seeding.py); without it nothing is seeded, as in nnU-Net."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    torch.manual_seed(1)
+    a = make_trainer(training_seed=7)
+    torch.manual_seed(2)  # the global state before the run must not matter
+    b = make_trainer(training_seed=7)
+    for x, y in ((a.network, b.network), (a.cl_modules, b.cl_modules)):
+        sa, sb = x.state_dict(), y.state_dict()
+        assert sa and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [a.augmenter(object()).seeds for _ in range(2)] == [[7100], [7200]]
+    with trainer_base.seeded_augmenters(7, first=3) as seeded:  # the fine-tuning loaders after those two
+        assert trainer_base.NonDetMultiThreadedAugmenter is not seeded  # only nnU-Net's module is patched
+        from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_module
+        assert nnunet_module.NonDetMultiThreadedAugmenter(object(), None, num_processes=1).seeds == [7300]
+    assert seeded.calls == 1
+    c = make_trainer()
+    assert c.training_seed is None and c.augmenter(object()).seeds == [None]
+    weight = "encoder.stages.0.0.convs.0.conv.weight"
+    assert not torch.equal(c.network.state_dict()[weight], a.network.state_dict()[weight])
+
+
 def test_embeddings_start_spread_out_not_collapsed(make_trainer):
     """Without the projector's BatchNorm every image starts at nearly one embedding: NT-Xent's collapse value."""
     torch.manual_seed(0)

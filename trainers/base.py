@@ -35,6 +35,7 @@ from nnunet_cl.memory import fix_mmap_threshold
 from nnunet_cl.plotting import plot_loss_terms
 from nnunet_cl.pool import list_pool
 from nnunet_cl_trainers.pool_data import PoolDataset, TwoViewDataLoader
+from nnunet_cl_trainers.seeding import augmenter_seed, seed_everything, seeded_augmenters
 
 PRETRAIN, FINETUNE = "pretrain", "finetune"
 # per-epoch keys nnU-Net's logger fills only while it validates; pretraining epochs get NaN there
@@ -61,6 +62,10 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         self.pretrain_weight_decay = 1e-5
         # glibc keeps freed multi-MiB blocks of the blockwise losses; a fixed threshold returns them (None: off)
         self.mmap_threshold_bytes = 131072
+        # None: unseeded, as nnU-Net. An int seeds the initialisation, the patches and their augmentation: the run
+        # repeats bit for bit on CPU with nnUNet_n_proc_DA 0 or 1 (trainers/seeding.py)
+        self.training_seed = None
+        self._augmenters_built = 0  # each augmenter of a run draws from a stream of its own
         self.cl_modules: nn.ModuleDict | None = None
         self._optimizer_stage = None
         self._pool_loader = None
@@ -105,6 +110,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
     def initialize(self):
         if self.mmap_threshold_bytes:
             fix_mmap_threshold(self.mmap_threshold_bytes)
+        if self.training_seed is not None and not self.was_initialized:
+            seed_everything(self.training_seed)  # before the network and the heads are built
         self.num_epochs = self.num_epochs_total
         super().initialize()
 
@@ -133,7 +140,13 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
 
     def get_dataloaders(self):
         if self.stage() == FINETUNE:
-            return super().get_dataloaders()
+            if self.training_seed is None:
+                return super().get_dataloaders()
+            with seeded_augmenters(self.training_seed, self.current_epoch, self.local_rank,
+                                   first=self._augmenters_built + 1) as seeded:
+                loaders = super().get_dataloaders()
+            self._augmenters_built += seeded.calls
+            return loaders
         self._pool_loader = self.get_pretrain_dataloader()
         return self._pool_loader, None
 
@@ -158,9 +171,13 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
     def augmenter(self, loader):
         """The loader in nnU-Net's background augmenter, with nnU-Net's worker count (nnUNet_n_proc_DA)."""
         n_proc = get_allowed_n_proc_DA()
-        if n_proc == 0:
+        if n_proc == 0:  # in this process: seeded with the run (initialize)
             return SingleThreadedAugmenter(loader, None)
-        return NonDetMultiThreadedAugmenter(loader, None, n_proc, max(6, n_proc // 2), None,
+        self._augmenters_built += 1
+        seeds = None if self.training_seed is None else [
+            augmenter_seed(self.training_seed, self._augmenters_built, i, self.current_epoch, self.local_rank)
+            for i in range(n_proc)]
+        return NonDetMultiThreadedAugmenter(loader, None, n_proc, max(6, n_proc // 2), seeds,
                                             pin_memory=self.device.type == "cuda", wait_time=0.002)
 
     def _stop_pool_loader(self):

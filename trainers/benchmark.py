@@ -10,12 +10,7 @@ and `clBenchCT` (OpenKBP-sized CT).
   `checkpoint_final.pth` is what the fine-tuning runs load. Every method gets the same number of steps.
 
 """
-import random
-from contextlib import contextmanager
-
-import numpy as np
 import torch
-from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as _trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import nnUNetTrainerDiceCELoss_noSmooth
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -24,6 +19,7 @@ from nnunet_cl.benchmark_design import LONG_PRETRAIN
 from nnunet_cl_trainers.base import attribute_variant
 from nnunet_cl_trainers.finetune import FinetuneRecipe
 from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCLPretrain
+from nnunet_cl_trainers.seeding import seed_everything, seeded_augmenters
 from nnunet_cl_trainers.separeg import nnUNetTrainerSepaRegPretrain
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLRPretrain
 
@@ -70,43 +66,9 @@ SCHEDULES = {
 }
 
 
-def seed_everything(seed: int) -> None:
-    """Python's, numpy's and torch's global RNGs in this process."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def augmenter_seed(seed: int, augmenter: int, worker: int, epoch: int = 0, rank: int = 0) -> int:
-    """Seed of one data-augmentation worker: `seed * 1000 + 100 * augmenter + worker` for a fresh run on one
-    process; a run resumed at `epoch` or a DDP rank > 0 gets its own stream (numpy's SeedSequence), so a resume
-    does not replay epoch 0's batches and ranks do not train on the same ones."""
-    if epoch == 0 and rank == 0:
-        return seed * 1000 + 100 * augmenter + worker
-    return int(np.random.SeedSequence([seed, augmenter, worker, epoch, rank]).generate_state(1)[0])
-
-
-@contextmanager
-def seeded_augmenters(seed: int, epoch: int = 0, rank: int = 0):
-    """Inside, nnU-Net's data-augmentation workers get seeds from `augmenter_seed` instead of fresh entropy.
-
-    nnUNetTrainer.get_dataloaders builds them with `seeds=None` and starts them before returning, so the seeds can
-    only go in through the class it calls (looked up in its module at call time). Yields the call counter: 2 after
-    nnU-Net's get_dataloaders (training and validation augmenters).
-    """
-    cls = _trainer_module.NonDetMultiThreadedAugmenter
-
-    def seeded(*args, num_processes: int, seeds=None, **kwargs):
-        seeded.calls += 1  # training and validation augmenters must not share a stream
-        return cls(*args, num_processes=num_processes, **kwargs,
-                   seeds=[augmenter_seed(seed, seeded.calls, i, epoch, rank) for i in range(num_processes)])
-
-    seeded.calls = 0
-    _trainer_module.NonDetMultiThreadedAugmenter = seeded
-    try:
-        yield seeded
-    finally:
-        _trainer_module.NonDetMultiThreadedAugmenter = cls
+# Every pretraining of the benchmark starts from this seed (fine-tuning runs: their fold). Pretrainings are shared
+# by all (k, seed) of a table, so one seed is enough.
+PRETRAIN_SEED = 0
 
 
 class nnUNetTrainer_clBench(nnUNetTrainer):
@@ -194,7 +156,8 @@ class nnUNetTrainer_clBenchCT(nnUNetTrainer_clBench, nnUNetTrainerDiceCELoss_noS
 
 def pretrain_schedule(base: type, attrs: dict, suffix: str = "clBench", iterations: int | None = None,
                       module: str = __name__, prefix: str | None = None) -> type:
-    """Subclass `<prefix>_<suffix>` of a pretraining-only trainer that only sets its stage lengths (`attrs`).
+    """Subclass `<prefix>_<suffix>` of a pretraining-only trainer that only sets its stage lengths (`attrs`) and
+    seeds it (`PRETRAIN_SEED`), so a table rerun from an empty folder repeats its pretrainings bit for bit.
 
     iterations: per pretraining epoch (default: the schedule's). `module` must be the module whose namespace
     receives the class (for pickling by nnU-Net's workers). prefix: default the base's name.
@@ -208,7 +171,8 @@ def pretrain_schedule(base: type, attrs: dict, suffix: str = "clBench", iteratio
            f"checkpoint_final.pth goes to nnUNetTrainer_{suffix} -pretrained_weights.")
     # save_every 1: checkpoint_latest after every epoch, so an interrupted benchmark resumes with --c
     return attribute_variant(base, f"{prefix}_{suffix}", module, doc, **attrs,
-                             pretrain_iterations_per_epoch=iterations, finetune_epochs=0, save_every=1)
+                             pretrain_iterations_per_epoch=iterations, finetune_epochs=0, save_every=1,
+                             training_seed=PRETRAIN_SEED)
 
 
 def scale_epochs(attrs: dict, factor: int) -> dict:

@@ -3,6 +3,7 @@ import torch
 
 from nnunet_cl_trainers.benchmark import nnUNetTrainer_clBench, pretrain_schedule
 from nnunet_cl_trainers.finetune import FinetuneRecipe
+from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCLPretrain
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLRPretrain
 
 
@@ -22,3 +23,6 @@ class nnUNetTrainer_clBenchTestFT(FinetuneRecipe, nnUNetTrainer_clBenchTest):
 nnUNetTrainerSimCLRPretrain_clBenchTest = pretrain_schedule(
     nnUNetTrainerSimCLRPretrain, {"pretrain_epochs": 2, "pretrain_batch_size": 4}, suffix="clBenchTest",
     iterations=3, module=__name__)
+
+nnUNetTrainerPolyCLPretrain_clBenchTest = pretrain_schedule(
+    nnUNetTrainerPolyCLPretrain, {"pretrain_epochs": 2}, suffix="clBenchTest", iterations=2, module=__name__)
