@@ -97,9 +97,8 @@ class Bench:
         t = time.time()
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = []
-        with open(self.log, "a") as f:
+        with open(self.log, "a", buffering=1) as f:  # line-buffered: the log follows a long pretraining live
             f.write(f"$ {' '.join(cmd)}\n")
-            f.flush()
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     encoding="utf-8", errors="replace")
             for line in proc.stdout:

@@ -355,6 +355,42 @@ def test_augmenter_seeds_fresh_resumed_and_per_rank():
     assert augmenter_seed(3, 1, 0, epoch=5) == augmenter_seed(3, 1, 0, epoch=5)
 
 
+
+LIVE_CHILD = r"""
+import os, sys, time
+print("-".join(["live", "line"]), flush=True)  # a text its command line does not hold
+deadline = time.time() + 60
+while not os.path.exists(sys.argv[1]) and time.time() < deadline:  # until the test has seen the line in the log
+    time.sleep(0.05)
+print("seen" if os.path.exists(sys.argv[1]) else "never seen", flush=True)
+"""
+
+
+def test_log_follows_a_command_while_it_runs(tmp_path):
+    """A command's output reaches benchmark_log.txt line by line, not when the command ends (a long pretraining
+    printed for minutes without the log showing it)."""
+    import argparse
+    import threading
+    from nnunet_cl.benchmark import Bench
+    bench = Bench(argparse.Namespace(work=str(tmp_path), schedule=None, quick=False, pretrain_schedule=None))
+    marker = tmp_path / "seen"
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=bench.run(
+        [sys.executable, "-c", LIVE_CHILD, str(marker)], dict(os.environ), "child")[1]))
+    worker.start()
+
+    def logged():
+        return bench.log.is_file() and "\nlive-line\n" in bench.log.read_text()
+
+    deadline = time.time() + 30
+    while worker.is_alive() and time.time() < deadline and not logged():
+        time.sleep(0.05)
+    live = worker.is_alive() and logged()
+    marker.touch()
+    worker.join(90)
+    assert live and result["out"] == "live-line\nseen\n"
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 def _bench_cmd(src, work, unlabeled):
