@@ -171,6 +171,20 @@ def test_distillation_gives_every_cluster_the_same_blocks(make_trainer):
     assert sorted(experts) == [0] * 5 + [1, 2]
 
 
+
+def test_region_batches_follow_the_training_seed(make_trainer):
+    """SepaReg draws its region batches in the training process: from `seed`, else the run's training_seed."""
+    def first_batches(**attrs):
+        t = make_trainer(**attrs)
+        go_to(t, 0)
+        return [t.next_region_batch()["index"].tolist() for _ in range(3)]
+
+    assert first_batches(training_seed=3) == first_batches(training_seed=3)
+    assert first_batches(training_seed=3) != first_batches(training_seed=4)
+    assert first_batches(training_seed=4, seed=3) == first_batches(training_seed=3)
+    assert first_batches() == first_batches(training_seed=0)  # unseeded runs keep the fixed stream of before
+
+
 def test_simsiam_steps_on_a_fixed_batch_lower_the_loss(make_trainer):
     t = make_trainer()
     go_to(t, 0)

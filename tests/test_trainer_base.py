@@ -66,7 +66,7 @@ def test_initialize_sets_the_mmap_threshold(make_trainer, monkeypatch):
 
 
 
-def test_training_seed_fixes_initialisation_and_augmentation_streams(make_trainer, monkeypatch):
+def test_training_seed_fixes_initialisation_and_augmentation_streams(make_trainer, monkeypatch, tmp_path):
     """With training_seed the network and the heads start alike in every run, and each augmenter of the run gets
     worker seeds of its own (trainers/seeding.py); without it nothing is seeded, as in nnU-Net."""
     monkeypatch.setenv("nnUNet_n_proc_DA", "1")
@@ -77,14 +77,34 @@ def test_training_seed_fixes_initialisation_and_augmentation_streams(make_traine
     for x, y in ((a.network, b.network), (a.cl_modules, b.cl_modules)):
         sa, sb = x.state_dict(), y.state_dict()
         assert sa and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert [a.augmenter(object()).seeds for _ in range(2)] == [[7100], [7200]]
-    with trainer_base.seeded_augmenters(7, first=3) as seeded:  # the fine-tuning loaders after those two
-        assert trainer_base.NonDetMultiThreadedAugmenter is not seeded  # only nnU-Net's module is patched
-        from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_module
-        assert nnunet_module.NonDetMultiThreadedAugmenter(object(), None, num_processes=1).seeds == [7300]
-    assert seeded.calls == 1
+    assert [a.augmenter(object()).seeds for _ in range(2)] == [[7100], [7200]]  # e.g. the pool loader
+    # at the stage switch nnU-Net's get_dataloaders builds its two augmenters: streams 3 and 4, at that epoch
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_module
+
+    def nnunet_loaders(self):
+        return tuple(nnunet_module.NonDetMultiThreadedAugmenter(object(), None, num_processes=1) for _ in range(2))
+
+    monkeypatch.setattr(nnunet_module.nnUNetTrainer, "get_dataloaders", nnunet_loaders)
+    a.current_epoch = a.pretrain_epochs
+    assert a.stage() == FINETUNE
+    from nnunet_cl_trainers.seeding import augmenter_seed
+    assert [x.seeds for x in a.get_dataloaders()] == [[augmenter_seed(7, n, 0, a.pretrain_epochs)] for n in (3, 4)]
+    assert a._augmenters_built == 4
+    assert nnunet_module.NonDetMultiThreadedAugmenter(object(), None, num_processes=1).seeds == [None]  # restored
+    # resumed (--c) at that epoch, the training process does not replay the fresh run's stream either
+    a.save_checkpoint(str(tmp_path / "checkpoint_latest.pth"))
+    resumed = make_trainer(training_seed=7)
+    resumed.load_checkpoint(str(tmp_path / "checkpoint_latest.pth"))
+    drawn = torch.rand(4)
+    from nnunet_cl_trainers.seeding import seed_everything
+    seed_everything(augmenter_seed(7, 0, 0, resumed.current_epoch))  # stream 0 (the process) at the resumed epoch
+    assert resumed.current_epoch == a.pretrain_epochs + 1 and torch.equal(drawn, torch.rand(4))
+    seed_everything(7)
+    assert not torch.equal(drawn, torch.rand(4))
     c = make_trainer()
     assert c.training_seed is None and c.augmenter(object()).seeds == [None]
+    c.current_epoch = c.pretrain_epochs
+    assert [x.seeds for x in c.get_dataloaders()] == [[None], [None]]
     weight = "encoder.stages.0.0.convs.0.conv.weight"
     assert not torch.equal(c.network.state_dict()[weight], a.network.state_dict()[weight])
 

@@ -112,6 +112,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
             fix_mmap_threshold(self.mmap_threshold_bytes)
         if self.training_seed is not None and not self.was_initialized:
             seed_everything(self.training_seed)  # before the network and the heads are built
+            self.print_to_log_file(f"{type(self).__name__}: training seed {self.training_seed} (initialisation, "
+                                   f"batches and augmentation)")
         self.num_epochs = self.num_epochs_total
         super().initialize()
 
@@ -368,6 +370,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+        if self.training_seed is not None:  # a resumed run draws a stream of its own, as its augmenters do
+            seed_everything(augmenter_seed(self.training_seed, 0, 0, self.current_epoch, self.local_rank))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if self.finetune_epochs == 0:

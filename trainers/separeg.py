@@ -45,6 +45,7 @@ from nnunet_cl.separeg.losses import (byol_loss, distill_cosine_loss, distill_kl
                                       simsiam_loss)
 from nnunet_cl.views import flip_view, intensity_view
 from nnunet_cl_trainers.base import FINETUNE, PRETRAIN, attribute_variant, nnUNetTrainerCLBase
+from nnunet_cl_trainers.seeding import augmenter_seed
 
 REGION, EXPERT, DISTILL = "region", "expert", "distill"
 
@@ -143,9 +144,9 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         self.region_epochs = 50
         self.expert_epochs = 10  # per expert
         self.distill_epochs = 40
-        self.seed = 0
+        self.seed = None  # region batches and distillation blocks; None: training_seed, or 0 without one
         self.sepa = _SepaRegState()
-        self._rng = np.random.default_rng(self.seed + 1000 * self.local_rank)
+        self._rng = None  # made at the first batch, once the seed attributes are final
 
     # ------------------------------------------------------------------------------------------ schedule
     @property
@@ -522,21 +523,30 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             x /= 255.0
         return x.to(self.device, non_blocking=True)
 
+    @property
+    def region_rng(self) -> np.random.Generator:
+        if self._rng is None:
+            seed = self.seed if self.seed is not None else (self.training_seed or 0)
+            # stream 0 of the run (its augmenters have 1, 2, ...): a resumed run or another rank gets its own
+            self._rng = np.random.default_rng(augmenter_seed(seed, 0, 0, self.current_epoch, self.local_rank))
+        return self._rng
+
     def next_region_batch(self) -> dict:
         st = self.sepa
         n, b = len(st.regions), self.regions_per_step
         phase = self.phase()
         expert = -1
         if phase == REGION:
-            idx = self._rng.choice(n, size=b, replace=n < b)
+            idx = self.region_rng.choice(n, size=b, replace=n < b)
         elif phase == EXPERT:
             expert = self.expert_of_epoch()
             members = np.flatnonzero(st.assignments == expert)
-            idx = self._rng.choice(members, size=b, replace=members.size < b)
+            idx = self.region_rng.choice(members, size=b, replace=members.size < b)
         elif phase == DISTILL:
             idx = next(st.blocks, None) if st.blocks is not None else None
             if idx is None:  # a new pass of blocks, one cluster each
-                st.blocks = expert_blocks(st.assignments, b, self._rng, blocks_per_cluster=self._blocks_per_cluster())
+                st.blocks = expert_blocks(st.assignments, b, self.region_rng,
+                                          blocks_per_cluster=self._blocks_per_cluster())
                 idx = next(st.blocks)
             expert = int(st.assignments[idx[0]])
         else:
