@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "world_size", "rank", "gather_with_grad"]
+from torch import nn
+
+__all__ = ["is_distributed", "world_size", "rank", "gather_with_grad", "sum_with_grad", "broadcast_objects",
+           "shard", "CrossRankBatchNorm1d"]
 
 
 def is_distributed() -> bool:
@@ -61,3 +64,53 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     return torch.cat(_AllGatherWithGrad.apply(x), dim=0)
+
+
+def sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """sum_r x_r over ranks, differentiable: the backward sums every rank's gradient (identity with one rank)."""
+    if world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_reduce
+    return all_reduce(x)
+
+
+def broadcast_objects(*objects):
+    """Rank 0's objects on every rank (decisions that must agree: clusters, sampled pairs). Identity alone."""
+    if world_size() == 1:
+        return objects
+    out = list(objects)
+    dist.broadcast_object_list(out, src=0)
+    return tuple(out)
+
+
+def shard(items: list) -> list:
+    """This rank's share of `items` (every W-th, from its rank), so that ranks see different cases.
+
+    With fewer items than ranks every rank keeps them all rather than train on nothing.
+    """
+    w = world_size()
+    return list(items) if w == 1 or len(items) < w else list(items)[rank()::w]
+
+
+class CrossRankBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the whole batch over all ranks.
+
+    torch's SyncBatchNorm runs on GPUs only; this one runs wherever a process group does (gloo on CPU). Alone it is
+    exactly nn.BatchNorm1d. In a distributed run mean and variance come from two differentiable all-reduces, so
+    W ranks with B samples each normalise (and back-propagate) as one process with W * B samples would.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1 or x.dim() != 2:
+            return super().forward(x)
+        n = sum_with_grad(x.new_tensor(float(x.shape[0])))
+        mean = sum_with_grad(x.sum(0)) / n
+        var = sum_with_grad(((x - mean) ** 2).sum(0)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+                self.num_batches_tracked += 1
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y

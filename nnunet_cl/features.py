@@ -28,3 +28,21 @@ def tap(modules: dict[str, nn.Module]):
 def decoder_stages(network: nn.Module, stages) -> dict[str, nn.Module]:
     """`{'dec<s>': network.decoder.stages[s]}` for nnU-Net's PlainConvUNet / ResidualEncoderUNet."""
     return {f"dec{s}": network.decoder.stages[s] for s in stages}
+
+
+def unet_features(network: nn.Module, x, encoder=(), decoder=(), with_output: bool = True):
+    """One pass through nnU-Net's U-Net: (segmentation output or None, {name: feature map}).
+
+    `encoder` lists encoder stages, named 'enc<i>' (negative i counts from the bottleneck, as the skips list does), `decoder` lists
+    decoder stages, named 'dec<s>' (0 = coarsest). The decoder runs only when its stages or the output are asked for, so an
+    encoder-only objective pays for the encoder alone. A feature map's voxel grid is the input's, strided by
+    x.shape[2:] / feature.shape[2:].
+    """
+    skips = network.encoder(x)
+    features = {f"enc{i}": skips[i] for i in encoder}
+    output = None
+    if decoder or with_output:
+        with tap(decoder_stages(network, decoder)) as decoded:
+            output = network.decoder(skips)
+        features.update(decoded)
+    return output, features

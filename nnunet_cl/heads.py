@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from nnunet_cl.distributed import CrossRankBatchNorm1d
+
 
 def local_head(channels: int, conv_op=nn.Conv3d) -> nn.Sequential:
     """1x1 conv + LeakyReLU, applied to a feature map before global average pooling (see below for why)."""
@@ -20,7 +22,8 @@ def pooled_projection_heads(channels: int, hidden: int, out_dim: int, conv_op=nn
     docs/methods/simclr.md). Needs at least 2 samples per step in training mode.
     """
     return {"local": local_head(channels, conv_op),
-            "projector": nn.Sequential(nn.Linear(channels, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            "projector": nn.Sequential(nn.Linear(channels, hidden), CrossRankBatchNorm1d(hidden),
+                                       nn.ReLU(inplace=True),
                                        nn.Linear(hidden, out_dim))}
 
 

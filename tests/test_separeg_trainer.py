@@ -206,12 +206,12 @@ def test_distillation_loss_is_zero_when_student_equals_expert(make_trainer, dist
     go_to(t, 2)
     assert t.phase() == DISTILL and t.sepa.working == ("student", None)
     batch = t.next_region_batch()
-    loss = t.pretrain_losses(batch)[DISTILL]
+    loss = t.pretrain_losses(t.prepare_batch(batch))[DISTILL]
     assert float(loss.detach()) == pytest.approx(0.0, abs=1e-5)
     # after the student moves, it no longer is the expert
     t.train_step(t.next_region_batch())
     t.train_step(t.next_region_batch())
-    assert float(t.pretrain_losses(t.next_region_batch())[DISTILL].detach()) > 1e-6
+    assert float(t.pretrain_losses(t.prepare_batch(t.next_region_batch()))[DISTILL].detach()) > 1e-6
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

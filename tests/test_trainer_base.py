@@ -178,8 +178,11 @@ def test_checkpoint_from_last_pretraining_epoch_resumes_into_finetuning(make_tra
 class _WithAuxiliaryLoss(nnUNetTrainerSimCLR):
     """An auxiliary-loss method in miniature: a term on the heads' pooled bottleneck, added during fine-tuning."""
 
-    def auxiliary_losses(self, data, output, target):
-        pooled = self.cl_modules["local"](self.encode(data)[-1]).flatten(2).mean(-1)
+    has_auxiliary_loss = True
+    feature_request = {"encoder": (-1,)}
+
+    def auxiliary_losses(self, batch, output, features):
+        pooled = self.cl_modules["local"](features["enc-1"]).flatten(2).mean(-1)
         return {"aux": pooled.pow(2).mean()}
 
 

@@ -5,18 +5,31 @@ One `nnUNetv2_train` call runs `pretrain_epochs` of self-supervised pretraining 
 nnU-Net U-Net; projection heads, teachers and queues live in `self.cl_modules` beside it and are saved under
 the checkpoint key 'nnunet_cl', which nnU-Net's predictor and `-pretrained_weights` ignore.
 
-A method plugs in through these hooks (see docs/architecture.md):
-  - build_cl_modules()            -> nn.ModuleDict of heads/teachers (outside self.network)
+A method declares what it is with two class attributes, never by which hooks it overrides:
+  - has_pretraining    (True)   a self-supervised stage on the pool: `pretrain_losses`
+  - has_auxiliary_loss (False)  terms added to nnU-Net's loss while it fine-tunes (`auxiliary_losses`); the
+                                extra modules then train in that stage too
+
+Every training step, of either stage, is the same (`train_step`): prepare_batch(batch) -> one forward through
+`self.train_modules` (the stock network and the extra modules as one module, DDP-wrapped in a distributed run,
+so that DDP averages every gradient) computing the method's named terms -> backward -> the optimiser's step ->
+on_after_step(batch, terms) (EMA teachers, queues).
+
+Hooks (see docs/architecture.md):
+  - build_cl_modules()            -> nn.ModuleDict of heads/teachers/queues (outside self.network)
   - get_pretrain_dataloader()     -> iterator of pretraining batches (default: two views of pool crops)
-  - pretrain_losses(batch)        -> {term: scalar} on one such batch (pretraining methods)
-  - auxiliary_losses(data, output, target) -> {term: scalar} added to nnU-Net's loss (auxiliary-loss methods)
+  - prepare_batch(batch)          -> the batch on the device, plus the views, mixes or masks the method makes
+  - pretrain_losses(batch)        -> {term: scalar} on one such batch
+  - auxiliary_losses(batch, output, features) -> {term: scalar}; features: the maps named by feature_request
+  - on_after_step(batch, terms)   after the optimiser's step
+  - build_optimizer(stage), build_scheduler(optimizer, stage): a method's own optimiser or schedule
   - cl_extra_state() / load_cl_extra_state(state) for queues or anything not in cl_modules
 """
 import math
 import os
 import time
-from os.path import join
-from typing import Dict
+from os.path import basename, isfile, join
+from typing import Callable, Dict
 
 import numpy as np
 import torch
@@ -30,8 +43,14 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnunet_cl.distributed import shard
+from nnunet_cl.features import unet_features
 from nnunet_cl.memory import fix_mmap_threshold
+from nnunet_cl.paths import NnUNetCLError
+from nnunet_cl.processes import end_children_with_parent, exit_on_sigterm
+from nnunet_cl.safe_load import CorruptCheckpointError, load_checkpoint_file
 from nnunet_cl.plotting import plot_loss_terms
 from nnunet_cl.pool import list_pool
 from nnunet_cl_trainers.pool_data import PoolDataset, TwoViewDataLoader
@@ -40,16 +59,54 @@ from nnunet_cl_trainers.seeding import augmenter_seed, seed_everything, seeded_a
 PRETRAIN, FINETUNE = "pretrain", "finetune"
 # per-epoch keys nnU-Net's logger fills only while it validates; pretraining epochs get NaN there
 _VAL_KEYS = ("val_losses", "mean_fg_dice", "ema_fg_dice")
+PREVIOUS_SUFFIX = ".previous"  # checkpoint_latest.pth -> checkpoint_latest.previous.pth, the one kept before it
+
+
+class TrainModules(nn.Module):
+    """The stock network and a method's extra modules as one module, so that one DDP wrapper averages every
+    gradient. Its forward runs `compute(*args)`: the step's whole computation, through whatever wrapper is around."""
+
+    def __init__(self, network: nn.Module, extra: nn.ModuleDict):
+        super().__init__()
+        self.network = network
+        self.extra = extra
+
+    def forward(self, compute: Callable, *args):
+        return compute(*args)
+
+
+class RankNetwork(nn.Module):
+    """`self.network` on each rank of a distributed run: the stock network, where nnU-Net's code looks for it
+    (`self.network.module`: deep supervision switch, validation, -pretrained_weights). Training steps never call
+    it; they go through the DDP-wrapped TrainModules. Its state dict is the stock network's."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.module = network
+
+    def forward(self, x):
+        return self.module(x)
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.module.load_state_dict(state_dict, strict, assign)
 
 
 class nnUNetTrainerCLBase(nnUNetTrainer):
-    """Shared machinery; a method subclass sets `loss_terms` and implements its hooks."""
+    """Shared machinery; a method subclass sets `loss_terms` and its kind, and implements its hooks."""
 
     loss_terms: tuple = ()  # names of the method's loss terms, logged per epoch as 'cl_<term>'
+    has_pretraining: bool = True  # a self-supervised stage (pretrain_epochs > 0 runs pretrain_losses)
+    has_auxiliary_loss: bool = False  # auxiliary_losses join nnU-Net's loss while fine-tuning
+    feature_request: dict = {}  # maps auxiliary_losses gets: {"encoder": (stages...), "decoder": (stages...)}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type != "cuda":  # nnU-Net assumes DDP means CUDA; torchrun with gloo runs on CPU
+            self.device, self.grad_scaler = device, None
         # stage lengths; thin variants change these (nnUNetTrainerSimCLR_50pt_250ft ...)
         self.pretrain_epochs = 100
         self.finetune_epochs = 1000
@@ -67,6 +124,7 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         self.training_seed = None
         self._augmenters_built = 0  # each augmenter of a run draws from a stream of its own
         self.cl_modules: nn.ModuleDict | None = None
+        self.train_modules: nn.Module | None = None  # TrainModules, DDP-wrapped in a distributed run
         self._optimizer_stage = None
         self._pool_loader = None
         for term in ("total",) + tuple(self.loss_terms):
@@ -79,8 +137,39 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
     def pretrain_losses(self, batch: dict) -> Dict[str, torch.Tensor]:
         raise NotImplementedError(f"{self.__class__.__name__} has no pretraining loss")
 
-    def auxiliary_losses(self, data, output, target) -> Dict[str, torch.Tensor]:
-        return {}
+    def auxiliary_losses(self, batch: dict, output, features: dict) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{self.__class__.__name__} sets has_auxiliary_loss but has no auxiliary_losses")
+
+    def prepare_batch(self, batch: dict) -> dict:
+        """Hook: the batch as the step's forward gets it. Default: tensors (and lists of them) on the device."""
+        def move(v):
+            if torch.is_tensor(v):
+                return v.to(self.device, non_blocking=True)
+            if isinstance(v, list) and v and torch.is_tensor(v[0]):
+                return [t.to(self.device, non_blocking=True) for t in v]
+            return v
+        return {k: move(v) for k, v in batch.items()}
+
+    def on_after_step(self, batch: dict, terms: dict) -> None:
+        """Hook: after the optimiser's step (EMA teachers, queue pushes)."""
+
+    def build_optimizer(self, stage: str) -> torch.optim.Optimizer:
+        """Hook: the optimiser of a stage. Fine-tuning: exactly nnU-Net's SGD (plus the extra modules of an
+        auxiliary-loss method); pretraining: AdamW over the network and the extra modules."""
+        if stage == FINETUNE:
+            params = list(self.network.parameters())
+            if self.has_auxiliary_loss:
+                params += list(self.cl_modules.parameters())
+            return torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                   nesterov=True)
+        params = list(self.network.parameters()) + list(self.cl_modules.parameters())
+        return torch.optim.AdamW(params, lr=self.pretrain_lr, weight_decay=self.pretrain_weight_decay)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, stage: str):
+        """Hook: the learning-rate schedule of a stage, stepped with the epoch within the stage. Default: poly."""
+        if stage == FINETUNE:
+            return PolyLRScheduler(optimizer, self.initial_lr, max(self.finetune_epochs, 1))
+        return PolyLRScheduler(optimizer, self.pretrain_lr, max(self.pretrain_epochs, 1))
 
     def cl_extra_state(self) -> dict:
         return {}
@@ -102,43 +191,75 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         net = self.network.module if self.is_ddp else self.network
         return net._orig_mod if isinstance(net, OptimizedModule) else net
 
+    @property
+    def step_network(self) -> nn.Module:
+        """The network the step runs: the stock one, compiled where nnU-Net compiles it."""
+        mod = self.train_modules.module if isinstance(self.train_modules, DDP) else self.train_modules
+        return mod.network
+
     def encode(self, x: torch.Tensor) -> list:
-        """Encoder skips of the stock U-Net, bottleneck last."""
+        """Encoder skips of the stock U-Net, bottleneck last. Call it inside the step (pretrain_losses), whose
+        forward runs through the DDP wrapper."""
         return self.unwrapped_network.encoder(x)
+
+    def forward_features(self, x: torch.Tensor, encoder=(), decoder=(), with_output: bool = True):
+        """(segmentation output, {'enc<i>' / 'dec<s>': feature map}) in one pass (nnunet_cl.features)."""
+        if not encoder and not decoder:
+            return (self.step_network(x) if with_output else None), {}
+        return unet_features(self.unwrapped_network, x, encoder, decoder, with_output)
 
     # ---------------------------------------------------------------- set-up
     def initialize(self):
         if self.mmap_threshold_bytes:
             fix_mmap_threshold(self.mmap_threshold_bytes)
+        end_children_with_parent()  # augmentation workers die with the trainer, even on SIGKILL
+        exit_on_sigterm()  # and a SIGTERM ends it like Ctrl-C, so its workers are stopped
         if self.training_seed is not None and not self.was_initialized:
             seed_everything(self.training_seed)  # before the network and the heads are built
             self.print_to_log_file(f"{type(self).__name__}: training seed {self.training_seed} (initialisation, "
                                    f"batches and augmentation)")
         self.num_epochs = self.num_epochs_total
-        super().initialize()
+        self.check_settings()
+        # nnU-Net would DDP-wrap self.network alone (CUDA only); the network and the extra modules are wrapped
+        # together below, so nnU-Net builds the plain network here
+        ddp, self.is_ddp = self.is_ddp, False
+        try:
+            super().initialize()
+        finally:
+            self.is_ddp = ddp
+        self.train_modules = TrainModules(self.network, self.cl_modules)
+        if ddp:
+            self._set_batch_size_and_oversample()  # nnU-Net's split of the global batch over the ranks
+            self.loss = self._build_loss()  # with nnU-Net's DDP settings
+            if self.device.type == "cuda":
+                self.train_modules = nn.SyncBatchNorm.convert_sync_batchnorm(self.train_modules)
+            # find_unused_parameters: a stage leaves modules out (the decoder while pretraining the encoder)
+            self.train_modules = DDP(self.train_modules, device_ids=[self.local_rank] if self.device.type == "cuda"
+                                     else None, find_unused_parameters=True)
+            self.network = RankNetwork(self.network)
+
+    def check_settings(self) -> None:
+        """Hook: refuse bad attribute values at set-up with a message naming the fix (before any worker runs)."""
+        if self.pretrain_epochs < 0 or self.finetune_epochs < 0:
+            raise NnUNetCLError(f"pretrain_epochs={self.pretrain_epochs}, finetune_epochs={self.finetune_epochs}: "
+                                f"stage lengths must be >= 0.")
+        if self.pretrain_epochs > 0 and not self.has_pretraining:
+            raise NnUNetCLError(f"{type(self).__name__} has no pretraining stage; set pretrain_epochs = 0.")
 
     def configure_optimizers(self):
-        return self._make_optimizer(self.stage())
+        return self._stage_optimizer(self.stage())
 
-    def _make_optimizer(self, stage: str):
+    def _stage_optimizer(self, stage: str):
         if self.cl_modules is None:
             self.cl_modules = self.build_cl_modules().to(self.device)
         self._optimizer_stage = stage
-        if stage == FINETUNE:  # exactly nnU-Net's optimiser, plus the heads of auxiliary-loss methods
-            params = list(self.network.parameters())
-            if self.finetune_needs_cl_modules:
-                params += list(self.cl_modules.parameters())
-            optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay,
-                                        momentum=0.99, nesterov=True)
-            return optimizer, PolyLRScheduler(optimizer, self.initial_lr, max(self.finetune_epochs, 1))
-        params = list(self.network.parameters()) + list(self.cl_modules.parameters())
-        optimizer = torch.optim.AdamW(params, lr=self.pretrain_lr, weight_decay=self.pretrain_weight_decay)
-        return optimizer, PolyLRScheduler(optimizer, self.pretrain_lr, max(self.pretrain_epochs, 1))
+        optimizer = self.build_optimizer(stage)
+        return optimizer, self.build_scheduler(optimizer, stage)
 
-    @property
-    def finetune_needs_cl_modules(self) -> bool:
-        """Auxiliary-loss methods train their heads during supervised training too."""
-        return type(self).auxiliary_losses is not nnUNetTrainerCLBase.auxiliary_losses
+    def pretrain_batch_per_rank(self, global_batch: int) -> int:
+        """Samples each rank takes of a pretraining batch of `global_batch` (nnU-Net splits its batch alike)."""
+        w = dist.get_world_size() if self.is_ddp else 1
+        return max(1, int(np.ceil(global_batch / w)))
 
     def get_dataloaders(self):
         if self.stage() == FINETUNE:
@@ -154,8 +275,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
 
     def get_pretrain_dataloader(self):
         """Hook: batches for `pretrain_losses`. Default: two nnU-Net-augmented views of pool crops."""
-        members = list_pool(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier,
-                            self.fold)
+        members = shard(list_pool(self.preprocessed_dataset_folder_base,
+                                  self.configuration_manager.data_identifier, self.fold))
         rotation, do_dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         transforms = self.get_training_transforms(
@@ -163,7 +284,9 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
             foreground_labels=self.label_manager.foreground_labels, regions=None,
             ignore_label=self.label_manager.ignore_label)
-        batch_size = self.pretrain_batch_size or self.batch_size
+        # self.batch_size is per rank already (nnU-Net's split); pretrain_batch_size is the global batch
+        batch_size = self.pretrain_batch_per_rank(self.pretrain_batch_size) if self.pretrain_batch_size \
+            else self.batch_size
         loader = TwoViewDataLoader(PoolDataset(members), batch_size, initial_patch_size,
                                    self.configuration_manager.patch_size, self.label_manager,
                                    oversample_foreground_percent=0.0, transforms=transforms)
@@ -214,54 +337,46 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         self.logger.log("lrs", self.optimizer.param_groups[0]["lr"], self.current_epoch)
 
     def _backward_and_step(self, loss: torch.Tensor):
-        params = list(self.network.parameters()) + list(self.cl_modules.parameters())
+        # the gradients are DDP's averages already: every parameter is inside the wrapped train_modules
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            self._sync_cl_module_grads()
             torch.nn.utils.clip_grad_norm_(params, 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
-            self._sync_cl_module_grads()
             torch.nn.utils.clip_grad_norm_(params, 12)
             self.optimizer.step()
-
-    def _sync_cl_module_grads(self):
-        # heads are not inside nnU-Net's DDP wrapper, so average their gradients by hand
-        if self.is_ddp:
-            for p in self.cl_modules.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= dist.get_world_size()
 
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
+    def step_losses(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(loss to back-propagate, the method's named terms) of one prepared batch; runs inside the wrapped
+        forward of train_modules."""
+        if self.stage() == PRETRAIN:
+            terms = self.pretrain_losses(batch)
+            return sum(terms.values()), terms
+        request = self.feature_request if self.has_auxiliary_loss else {}
+        output, features = self.forward_features(batch["data"], request.get("encoder", ()),
+                                                 request.get("decoder", ()))
+        seg_loss = self.loss(output, batch["target"])
+        terms = self.auxiliary_losses(batch, output, features) if self.has_auxiliary_loss else {}
+        return seg_loss + sum(terms.values()), terms
+
     def train_step(self, batch: dict) -> dict:
-        if self.stage() == FINETUNE and not self.finetune_needs_cl_modules:
-            return super().train_step(batch)
+        batch = self.prepare_batch(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            if self.stage() == PRETRAIN:
-                batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
-                         for k, v in batch.items()}
-                terms = self.pretrain_losses(batch)
-                loss = sum(terms.values())
-            else:
-                data = batch["data"].to(self.device, non_blocking=True)
-                target = batch["target"]
-                target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-                    else target.to(self.device, non_blocking=True)
-                output = self.network(data)
-                seg_loss = self.loss(output, target)
-                terms = self.auxiliary_losses(data, output, target)
-                loss = seg_loss + sum(terms.values())
+            loss, terms = self.train_modules(self.step_losses, batch)  # one forward through the wrapped module
         self._backward_and_step(loss)
+        self.on_after_step(batch, terms)
         out = {"loss": loss.detach().cpu().numpy()}
         out.update({f"cl_{k}": v.detach().float().cpu().numpy() for k, v in terms.items()})
-        out["cl_total"] = float(sum(v.detach().float() for v in terms.values())) if terms else math.nan
+        if terms:
+            out["cl_total"] = float(sum(v.detach().float() for v in terms.values()))
         return out
 
     def on_train_epoch_end(self, train_outputs):
@@ -318,7 +433,10 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
                             join(self.output_folder, "progress.png"))
 
     def on_train_end(self):
-        super().on_train_end()
+        super().on_train_end()  # removes checkpoint_latest.pth, so its predecessor goes too
+        previous = previous_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
+        if self.local_rank == 0 and isfile(previous):
+            os.remove(previous)
         self._stop_pool_loader()
 
     # ---------------------------------------------------------------- checkpoints
@@ -344,19 +462,34 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         }
         tmp = filename + ".tmp"
         torch.save(checkpoint, tmp)
+        if basename(filename) == "checkpoint_latest.pth" and isfile(filename):
+            os.replace(filename, previous_checkpoint(filename))  # kept: --c falls back to it if latest breaks
         os.replace(tmp, filename)  # a crash mid-write never leaves a broken checkpoint behind
+
+    def read_checkpoint(self, filename: str) -> dict:
+        """The checkpoint in `filename` (weights only, nnunet_cl.safe_load); a broken file falls back, with a
+        message, to the one saved before it (checkpoint_latest.previous.pth)."""
+        try:
+            return load_checkpoint_file(filename, map_location=self.device)
+        except CorruptCheckpointError as e:
+            previous = previous_checkpoint(filename)
+            if not isfile(previous):
+                raise NnUNetCLError(f"{e} No earlier checkpoint to fall back to. Fix: delete {filename} to resume "
+                                    f"from checkpoint_best.pth, or restart without --c.") from None
+            self.print_to_log_file(f"WARNING: {e} Resuming from the checkpoint saved before it, {previous}.")
+            return load_checkpoint_file(previous, map_location=self.device)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:
             self.initialize()
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            checkpoint = self.read_checkpoint(checkpoint)
         # build the optimiser of the stage the checkpoint was written in before loading its state
         state = checkpoint.get("nnunet_cl")
         saved_stage = state["optimizer_stage"] if state else self.stage(checkpoint["current_epoch"])
         if self._optimizer_stage != saved_stage:
-            self.optimizer, self.lr_scheduler = self._make_optimizer(saved_stage)
+            self.optimizer, self.lr_scheduler = self._stage_optimizer(saved_stage)
         self.current_epoch = checkpoint["current_epoch"]
         if state is not None:
             self.cl_modules.load_state_dict(state["cl_modules"])
@@ -375,11 +508,22 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if self.finetune_epochs == 0:
-            self.print_to_log_file("Pretraining only: no segmentation head was trained, so no validation. "
-                                   "Fine-tune with: nnUNetv2_train DATASET CONFIG FOLD -pretrained_weights "
-                                   f"{join(self.output_folder, 'checkpoint_final.pth')}")
+            # a pretraining plans variant (nnUNetv2_cl_pretrain_plans) fine-tunes on the configuration it inherits
+            raw = self.plans_manager.plans["configurations"].get(self.configuration_name, {})
+            config = raw.get("inherits_from", self.configuration_name) if "patch_size" in raw else \
+                self.configuration_name
+            self.print_to_log_file(
+                "Pretraining only: no segmentation head was trained, so no validation. Fine-tune with: nnUNetv2_train "
+                f"{self.plans_manager.dataset_name} {config} FOLD -p {self.plans_manager.plans_name} "
+                f"-pretrained_weights {join(self.output_folder, 'checkpoint_final.pth')}")
             return
         super().perform_actual_validation(save_probabilities)
+
+
+def previous_checkpoint(filename: str) -> str:
+    """checkpoint_latest.pth -> checkpoint_latest.previous.pth: the checkpoint kept before the latest one."""
+    root, ext = os.path.splitext(filename)
+    return root + PREVIOUS_SUFFIX + ext
 
 
 def attribute_variant(base: type, name: str, module: str, doc: str | None = None, **attrs) -> type:

@@ -13,10 +13,12 @@ nnUNetTrainerPolyCLPretrain (pool only; its checkpoint goes to -pretrained_weigh
 """
 import numpy as np
 import torch
+import torch.distributed as dist
 from nnunetv2.configuration import ANISO_THRESHOLD
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from torch import nn
 
+from nnunet_cl.distributed import broadcast_objects, gather_with_grad, rank, shard
 from nnunet_cl.heads import pooled_embedding, pooled_projection_heads
 from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, polycl_triplet_loss
@@ -93,8 +95,25 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
         return patch
 
     def get_pretrain_batch_size(self) -> int:
+        """Patches per step on this rank: the global batch split over the ranks, whole scans each."""
         n = self.pretrain_batch_size or max(MIN_PATCHES_PER_STEP, int(self.configuration_manager.batch_size))
+        n = self.pretrain_batch_per_rank(n)
         return int(np.ceil(n / self.patches_per_case) * self.patches_per_case)
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        if str(self.strategy).upper() not in STRATEGIES:
+            raise NnUNetCLError(f"strategy {self.strategy!r}: choose one of {STRATEGIES}.")
+        if self.loss_form not in LOSS_FORMS:
+            raise NnUNetCLError(f"loss_form {self.loss_form!r}: choose one of {LOSS_FORMS}.")
+        if self.patches_per_case < 2:
+            raise NnUNetCLError(f"patches_per_case={self.patches_per_case}: PolyCL needs >= 2 (a same-scan positive).")
+        if self.pretrain_epochs > 0 and self.get_pretrain_batch_size() // self.patches_per_case < 2:
+            raise NnUNetCLError(
+                f"pretrain_batch_size={self.pretrain_batch_size} with patches_per_case={self.patches_per_case} gives "
+                f"{self.get_pretrain_batch_size() // self.patches_per_case} scan(s) per step on each process; PolyCL "
+                f"needs >= 2 (negatives come from other scans). Fix: set pretrain_batch_size >= "
+                f"{2 * self.patches_per_case * (dist.get_world_size() if self.is_ddp else 1)}.")
 
     def _pretrain_augmentation(self, patch):
         """nnU-Net's rotation / dummy-2D / initial-patch rules (configure_rotation_dummyDA_mirroring_and_inital_
@@ -119,14 +138,9 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
         return nn.ModuleDict(pooled_projection_heads(channels, self.hidden_dim, self.projection_dim, conv_op))
 
     def get_pretrain_dataloader(self):
-        if str(self.strategy).upper() not in STRATEGIES:
-            raise NnUNetCLError(f"strategy {self.strategy!r}: choose one of {STRATEGIES}.")
-        if self.loss_form not in LOSS_FORMS:
-            raise NnUNetCLError(f"loss_form {self.loss_form!r}: choose one of {LOSS_FORMS}.")
-        if self.patches_per_case < 2:
-            raise NnUNetCLError(f"patches_per_case={self.patches_per_case}: PolyCL needs >= 2 (a same-scan positive).")
-        members = list_pool(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier,
-                            self.fold)
+        self.check_settings()
+        members = shard(list_pool(self.preprocessed_dataset_folder_base,
+                                  self.configuration_manager.data_identifier, self.fold))
         if len(members) < 2:
             raise NnUNetCLError(f"The pool has {len(members)} case(s); PolyCL needs >= 2 scans (negatives come from "
                                 f"other scans). Fix: nnUNetv2_cl_add_unlabeled -d DATASET -i FOLDER.")
@@ -165,12 +179,18 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
         strategy = self.strategy.upper()
         case_index, presence = batch["case_index"], batch.get("organ_present")
         z = self.embed(batch["data"])
+        if self.is_ddp:  # pairs across all ranks' patches: every rank computes the loss of the whole batch
+            n = z.shape[0]
+            case_index = gather_with_grad(torch.as_tensor(case_index, device=z.device) + rank() * n)
+            presence = gather_with_grad(torch.as_tensor(normalize_presence(presence, n), device=z.device))
+            z = gather_with_grad(z)
         if self.loss_form == "infonce":
             loss = polycl_infonce_loss(z, case_index, presence, strategy, self.temperature)
         elif self.loss_form == "triplet":
             rng = np.random.default_rng(np.random.randint(0, 2 ** 31 - 1))
-            a, p, n = (torch.as_tensor(i, device=z.device) for i in
-                       sample_triplets(case_index, presence, strategy, rng, self.triplet_max_tries))
+            triplets, = broadcast_objects(sample_triplets(case_index, presence, strategy, rng,
+                                                          self.triplet_max_tries))  # rank 0 draws for all
+            a, p, n = (torch.as_tensor(i, device=z.device) for i in triplets)
             loss = polycl_triplet_loss(z[a], z[p], z[n], self.temperature)
         else:
             raise NnUNetCLError(f"loss_form {self.loss_form!r}: choose one of {LOSS_FORMS}.")

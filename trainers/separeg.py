@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import nn
 
+from nnunet_cl.distributed import broadcast_objects
 from nnunet_cl.heads import local_head
 from nnunet_cl.pool import list_pool
 from nnunet_cl.separeg.cache import PreprocessedCaseLoader, build_region_cache, load_region_cache
@@ -243,11 +244,10 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             mods["teacher"] = teacher
         return mods
 
-    def _make_optimizer(self, stage: str):
-        optimizer, scheduler = super()._make_optimizer(stage)
+    def build_scheduler(self, optimizer, stage: str):
         if stage == PRETRAIN:  # poly decay restarted for each phase and each expert
-            scheduler = _PhasePolyLR(optimizer, self)
-        return optimizer, scheduler
+            return _PhasePolyLR(optimizer, self)
+        return super().build_scheduler(optimizer, stage)
 
     def _online(self) -> nn.ModuleDict:
         """The trained branch (nnU-Net's encoder and the heads), in the teacher's layout."""
@@ -289,10 +289,16 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         return y * inside
 
     # ------------------------------------------------------------------------------------------ losses
+    def prepare_batch(self, batch: dict) -> dict:
+        batch = super().prepare_batch(batch)
+        if self.stage() == PRETRAIN and "views" not in batch:  # two augmented views of every crop, concatenated
+            x = batch["data"].float()
+            batch["views"] = torch.cat([self.region_view(x), self.region_view(x)])
+        return batch
+
     def pretrain_losses(self, batch: dict) -> dict:
         phase = batch.get("phase") or self.phase()
-        x = batch["data"].float()
-        views = torch.cat([self.region_view(x), self.region_view(x)])
+        views = batch["views"]
         if phase in (REGION, EXPERT):
             return {phase: self.inter_organ_loss(views)}
         return {DISTILL: self.distillation_loss(views, int(batch["expert"]))}
@@ -336,13 +342,11 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             loss = loss + self.distill_base_weight * distill_cosine_loss(pred, zb)
         return loss
 
-    def train_step(self, batch: dict) -> dict:
-        out = super().train_step(batch)
+    def on_after_step(self, batch: dict, terms: dict) -> None:
         if self.stage() == PRETRAIN and self.objective == "byol" and self.phase() in (REGION, EXPERT):
             online = self._online()
             student = nn.ModuleDict({k: online[k] for k in ("encoder", "local", "projector")})
             ema_update(self.cl_modules["teacher"], student, self.byol_momentum)
-        return out
 
     # ------------------------------------------------------------------------------------------ weights
     def _snapshot(self, with_teacher: bool) -> dict:
@@ -459,11 +463,15 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         if self.sepa.regions is None:
             raise RuntimeError("no region crops loaded: the region cache must be built first")
         t0 = time.time()
-        emb = self.region_embeddings()
-        assignments, centroids = kmeans_regions(emb, self.k, seed=self.kmeans_seed)
+        assignments = centroids = None
+        n_emb = len(self.sepa.regions)
+        if self.local_rank == 0:  # once, then every rank trains on the same clusters
+            emb = self.region_embeddings()
+            assignments, centroids = kmeans_regions(emb, self.k, seed=self.kmeans_seed)
+        assignments, centroids = broadcast_objects(assignments, centroids)
         self.sepa.assignments, self.sepa.centroids = assignments, centroids
         sizes = np.bincount(assignments, minlength=len(centroids))
-        self.print_to_log_file(f"SepaReg: k-means of {len(emb)} region embeddings ({self.cluster_features}) into "
+        self.print_to_log_file(f"SepaReg: k-means of {n_emb} region embeddings ({self.cluster_features}) into "
                                f"{len(centroids)} clusters "
                                f"(sizes {sizes.tolist()}) in {time.time() - t0:.1f} s")
 
@@ -533,7 +541,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
 
     def next_region_batch(self) -> dict:
         st = self.sepa
-        n, b = len(st.regions), self.regions_per_step
+        n, b = len(st.regions), self.regions_per_rank
         phase = self.phase()
         expert = -1
         if phase == REGION:
@@ -553,6 +561,11 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             raise RuntimeError(f"no region batches in phase {phase}")
         idx = np.sort(idx)
         return {"data": self._crops_tensor(idx), "phase": phase, "expert": expert, "index": idx}
+
+    @property
+    def regions_per_rank(self) -> int:
+        """This rank's share of regions_per_step (the global batch, as nnU-Net's batch size is)."""
+        return self.pretrain_batch_per_rank(self.regions_per_step)
 
     def _blocks_per_cluster(self) -> int | None:
         """Balanced distillation: as many blocks in a pass as proportional sampling would give, split evenly

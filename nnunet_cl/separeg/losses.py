@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_cl.distributed import CrossRankBatchNorm1d
+
 __all__ = [
     "negative_cosine",
     "simsiam_loss",
@@ -113,7 +115,7 @@ def mlp_head(in_dim: int, hidden: int, out_dim: int, bn: bool = True, num_layers
     for _ in range(num_layers - 1):
         layers.append(nn.Linear(d, hidden, bias=not bn))
         if bn:
-            layers.append(nn.BatchNorm1d(hidden))
+            layers.append(CrossRankBatchNorm1d(hidden))
         layers.append(nn.ReLU(inplace=True))
         d = hidden
     layers.append(nn.Linear(d, out_dim))
