@@ -24,6 +24,7 @@ setup(
         "scikit-image",
         "scikit-learn",
         "connected-components-3d",
+        "safetensors",  # nnUNetv2_cl_export --safetensors: weights without pickle
     ],
     extras_require={
         # the SAM packages too: their CLIs are tested through the real APIs (random weights, nothing downloaded)
@@ -33,6 +34,7 @@ setup(
     entry_points={
         "console_scripts": [
             "nnUNetv2_cl_ext_trainer_path=nnunet_cl.ext_path:main",
+            "nnUNetv2_cl_train=nnunet_cl_trainers.launch:main",
             "nnUNetv2_cl_add_unlabeled=nnunet_cl.pool:main_add_unlabeled",
             "nnUNetv2_cl_limited_split=nnunet_cl.splits:main_limited_split",
             "nnUNetv2_cl_export=nnunet_cl.export:main_export",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from nnunet_cl.safe_load import load_checkpoint_file
 from nnunet_cl.benchmark_design import (BenchmarkError, PRETRAIN_FOLD, build_folds, parse_arms, split_cases,
                                         splits_from_folds)
 from nnunet_cl.benchmark_report import write_report
@@ -516,7 +517,7 @@ def test_interrupted_training_resumes_with_c(bench):
     work, runs = bench["work"], bench["work"] / "runs" / "clBenchTest"
     folder = next((work / "nnUNet_results" / "simclr").glob("Dataset950_Phantom/nnUNetTrainer_clBenchTest__*/fold_*"))
     final = folder / "checkpoint_final.pth"
-    ckpt = torch.load(final, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(final)
     ckpt["current_epoch"] = 1  # what nnU-Net saves as checkpoint_latest after the first of two epochs
     torch.save(ckpt, folder / "checkpoint_latest.pth")
     final.unlink()
@@ -554,7 +555,7 @@ def test_finetuning_is_seeded_by_fold_so_arms_are_paired(bench, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     name = (f"Dataset950_Phantom/nnUNetTrainer_clBenchTest__nnUNetPlans_clBench__3d_fullres/fold_{fold}/"
             f"checkpoint_final.pth")
-    first, again = (torch.load(root / name, map_location="cpu", weights_only=False)["network_weights"]
+    first, again = (load_checkpoint_file(root / name)["network_weights"]
                     for root in (work / "nnUNet_results" / "scratch", tmp_path))
     assert first.keys() == again.keys()
     for key in first:
@@ -572,8 +573,8 @@ def _pretrain(bench, trainer: str, results) -> dict:
            "-device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(next(Path(results).glob(f"Dataset950_Phantom/{trainer}__*/fold_{PRETRAIN_FOLD}/"
-                                              f"checkpoint_final.pth")), map_location="cpu", weights_only=False)
+    return load_checkpoint_file(str(next(Path(results).glob(f"Dataset950_Phantom/{trainer}__*/fold_{PRETRAIN_FOLD}/"
+                                                            f"checkpoint_final.pth"))))
 
 
 def _assert_same_weights(first: dict, again: dict):
@@ -636,13 +637,13 @@ def test_arms_of_a_fold_share_batches_and_segmentation_layers(bench, tmp_path):
                            str(fold), str(ckpt), str(out), str(TESTS / "ext_trainers")],
                           env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    found = torch.load(out, weights_only=False)
+    found = load_checkpoint_file(str(out))
     scratch, simclr = found["scratch"], found["simclr"]
     for a, b in zip(scratch["batches"], simclr["batches"]):
         assert torch.equal(a["data"], b["data"])
         assert all(torch.equal(x, y) for x, y in zip(a["target"], b["target"]))
     assert not torch.equal(scratch["batches"][0]["data"], scratch["batches"][1]["data"])
-    pretrained = torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"]
+    pretrained = load_checkpoint_file(ckpt)["network_weights"]
     seg = [k for k in scratch["weights"] if ".seg_layers." in k]
     assert seg and all(torch.equal(scratch["weights"][k], simclr["weights"][k]) for k in seg)
     for key, value in simclr["weights"].items():

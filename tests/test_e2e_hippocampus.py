@@ -14,6 +14,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from nnunet_cl.safe_load import load_checkpoint_file
+
 
 from helpers import cli_env, run
 
@@ -80,7 +82,7 @@ def test_staged_training_logs_and_checkpoints(hippo, staged_run):
     fold = model_folder(hippo, TRAINER) / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file() and (fold / "checkpoint_pretrained.pth").is_file()
     assert (fold / "progress.png").is_file()
-    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(fold / "checkpoint_final.pth")
     assert ckpt["trainer_name"] == TRAINER and ckpt["current_epoch"] == 4
     assert set(ckpt["nnunet_cl"]["cl_modules"]) >= {"projector.0.weight", "local.0.weight"}
     assert not any(k.startswith(("projector", "local")) for k in ckpt["network_weights"])
@@ -134,7 +136,7 @@ def test_pretrained_weights_round_trip(hippo, staged_run):
                 "-pretrained_weights", str(ckpt_file)], env)
     assert "Loading pretrained weights from file" in proc.stdout
     # a damaged checkpoint is reported key by key, not with nnU-Net's first-key assertion
-    bad = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    bad = load_checkpoint_file(ckpt_file)
     first = next(k for k in bad["network_weights"] if "encoder" in k and k.endswith("weight"))
     bad["network_weights"][first] = torch.zeros(3, 3)
     bad["network_weights"].pop(next(k for k in bad["network_weights"] if "decoder.stages" in k))
@@ -148,16 +150,51 @@ def test_pretrained_weights_round_trip(hippo, staged_run):
 
 def test_resume_with_c_continues_into_finetuning(hippo, staged_run):
     fold = model_folder(hippo, TRAINER) / "fold_0"
-    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    final = load_checkpoint_file(fold / "checkpoint_final.pth")
     for f in ("checkpoint_final.pth", "checkpoint_best.pth"):
         (fold / f).unlink()
     shutil.copy(fold / "checkpoint_pretrained.pth", fold / "checkpoint_latest.pth")  # as left after a crash
     proc = run(["nnUNetv2_train", "905", "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--c"], hippo["env"])
     assert "Epoch 2 (finetune epoch 0)" in proc.stdout and "Epoch 0 " not in proc.stdout
-    resumed = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    resumed = load_checkpoint_file(fold / "checkpoint_final.pth")
     assert resumed["current_epoch"] == 4
     # pretraining history survived the resume; the heads are those of the pretraining checkpoint
     assert resumed["logging"]["cl_infonce"][:2] == final["logging"]["cl_infonce"][:2]
-    pre = torch.load(fold / "checkpoint_pretrained.pth", map_location="cpu", weights_only=False)
+    pre = load_checkpoint_file(fold / "checkpoint_pretrained.pth")
     for k, v in pre["nnunet_cl"]["cl_modules"].items():
         assert torch.equal(v, resumed["nnunet_cl"]["cl_modules"][k])
+
+
+def test_torchrun_two_cpu_processes_train_and_validate(hippo, staged_run):
+    """The documented multi-process command: torchrun starts 2 gloo ranks on CPU, each takes half of the pool
+    (shard) and of nnU-Net's batch; the run pretrains, fine-tunes and validates as one process does."""
+    env = dict(hippo["env"], OMP_NUM_THREADS="1")
+    proc = run(["torchrun", "--standalone", "--nproc_per_node", "2", "--no-python", "nnUNetv2_cl_train", "905",
+                "3d_fullres", "1", "-tr", TRAINER, "-device", "cpu"], env)
+    out = proc.stdout
+    assert "The world size is 2" in out and "pool: 13 cases" in out, out[-3000:]  # 26 cases, half per rank
+    fold = model_folder(hippo, TRAINER) / "fold_1"
+    ckpt = load_checkpoint_file(str(fold / "checkpoint_final.pth"))
+    assert ckpt["current_epoch"] == 4 and np.isfinite(ckpt["logging"]["cl_infonce"][:2]).all()
+    assert (fold / "validation" / "summary.json").is_file()
+
+
+def test_nnunetv2_cl_train_refuses_pretrained_weights_that_carry_code(hippo, staged_run, tmp_path):
+    marker = tmp_path / "code_ran"
+    crafted = tmp_path / "crafted.pth"
+    torch.save({"network_weights": {}, "x": _WritesAFile(str(marker))}, crafted)
+    proc = run(["nnUNetv2_cl_train", "905", "3d_fullres", "0", "-tr", "nnUNetTrainer_clTest", "-device", "cpu",
+                "-pretrained_weights", str(crafted)], hippo["env"], check=False)
+    assert proc.returncode != 0 and "Refused to load" in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists()
+
+
+class _WritesAFile:
+    """Unpickling this writes a file: what a hostile checkpoint could do with weights_only=False."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+        return pathlib.Path.touch, (pathlib.Path(self.path),)

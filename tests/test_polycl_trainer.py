@@ -17,6 +17,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from nnunet_cl.safe_load import load_checkpoint_file
+
 from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.pretrain_plans import add_pretrain_configuration, network_divisor, reduced_patch_size
 from nnunet_cl_trainers.polycl import (nnUNetTrainerPolyCL, nnUNetTrainerPolyCL_M, nnUNetTrainerPolyCL_O,
@@ -348,7 +350,7 @@ def test_pretrain_plans_variant(kbp, variant_run):
     assert "Added" in variant_run["cli"]
     log = variant_run["train"].stdout
     assert f"of {entry['patch_size']} per step" in log and "4 scans x 2 patches" in log
-    ckpt = torch.load(variant_run["checkpoint"], map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(variant_run["checkpoint"])
     assert ckpt["init_args"]["configuration"] == "3d_fullres_clpretrain"
     assert np.isfinite(ckpt["logging"]["cl_polycl"]).all()
     # what `nnUNetv2_train D 3d_fullres F -pretrained_weights` does, on the fine-tuning network
@@ -373,7 +375,7 @@ def test_staged_training_on_real_ct(kbp, staged_run):
     assert "Pretraining pool: 6 cases (2 with organ presence from fold 0's training split, 4 unknown)" in out
     assert "PolyCL-M (infonce" in out and "Stage switch at epoch 2" in out
     fold = kbp["root"] / "nnUNet_results" / DATASET / f"{TRAINER}__nnUNetPlans__3d_fullres" / "fold_0"
-    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(fold / "checkpoint_final.pth")
     assert ckpt["current_epoch"] == 3 and (fold / "checkpoint_pretrained.pth").is_file()
     assert set(ckpt["nnunet_cl"]["cl_modules"]) >= {"local.0.weight", "projector.1.running_mean", "projector.3.weight"}
     polycl = np.array(ckpt["logging"]["cl_polycl"], dtype=float)

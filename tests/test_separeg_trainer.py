@@ -13,6 +13,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from nnunet_cl.safe_load import load_checkpoint_file
+
 from nnunet_cl_trainers.base import FINETUNE, PRETRAIN
 from nnunet_cl_trainers.separeg import (DISTILL, EXPERT, REGION, nnUNetTrainerSepaReg, nnUNetTrainerSepaRegBYOL,
                                         nnUNetTrainerSepaRegPretrain)
@@ -155,6 +157,25 @@ def test_kmeans_clusters_the_projections_unless_told_pooled(make_trainer):
         t.region_embeddings()
 
 
+def test_clustering_embeds_a_bounded_sample_and_experts_draw_only_from_it(make_trainer):
+    t = make_trainer(cluster_max_regions=8)
+    seen = []
+    original = t.region_embeddings
+    t.region_embeddings = lambda **kw: seen.append(len(kw["indices"])) or original(**kw)
+    go_to(t, 2)  # expert 0: clustering first
+    assert seen == [8]
+    clustered = np.flatnonzero(t.sepa.assignments >= 0)
+    assert len(clustered) == 8 and (t.sepa.assignments[np.setdiff1d(np.arange(16), clustered)] == -1).all()
+    for _ in range(5):
+        assert set(t.next_region_batch()["index"]) <= set(clustered)
+    for epoch in (3, 4):
+        go_to(t, epoch)
+    assert t.phase() == DISTILL
+    for _ in range(5):
+        batch = t.next_region_batch()
+        assert set(batch["index"]) <= set(clustered) and batch["expert"] >= 0
+
+
 def test_distillation_gives_every_cluster_the_same_blocks(make_trainer):
     t = make_trainer()
     for epoch in range(5):
@@ -251,7 +272,7 @@ def test_checkpoint_resume_restores_the_phase_state(make_trainer, tmp_path, stop
     # the checkpoint ending pretraining carries neither base nor experts, only what the preview needs
     a.current_epoch = a.pretrain_epochs - 1
     a.save_checkpoint(str(tmp_path / "end.pth"))
-    extra = torch.load(tmp_path / "end.pth", weights_only=False)["nnunet_cl"]["extra"]
+    extra = load_checkpoint_file(str(tmp_path / "end.pth"))["nnunet_cl"]["extra"]
     assert "base" not in extra and "experts" not in extra and len(extra["assignments"]) == 16
 
 
@@ -262,7 +283,7 @@ def test_pretrain_only_checkpoint_is_a_full_network(make_trainer, tmp_path):
     assert t.num_epochs == t.pretrain_epochs
     t.current_epoch = t.pretrain_epochs - 1
     t.save_checkpoint(str(tmp_path / "final.pth"))
-    ckpt = torch.load(tmp_path / "final.pth", weights_only=False)
+    ckpt = load_checkpoint_file(str(tmp_path / "final.pth"))
     assert ckpt["network_weights"].keys() == t.network.state_dict().keys()
     assert all(v.shape == t.network.state_dict()[k].shape for k, v in ckpt["network_weights"].items())
 
@@ -349,7 +370,7 @@ def test_staged_sepa_reg_trains_and_finetunes(kbp, staged):
     assert len(cached) == 7 and sum(c.startswith("pool_") for c in cached) == 3
     assert "SepaReg separation: 7 case(s)" in staged.stdout
     fold = fold_folder(kbp, "nnUNetTrainerSepaReg_test")
-    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(fold / "checkpoint_final.pth")
     assert ckpt["current_epoch"] == 5 and ckpt["trainer_name"] == "nnUNetTrainerSepaReg_test"
     assert not any(k.startswith(("projector", "predictor", "local")) for k in ckpt["network_weights"])
     log = ckpt["logging"]
@@ -399,7 +420,7 @@ def test_byol_pretraining_reuses_the_cache_and_loads_as_pretrained_weights(kbp, 
     labels = json.loads((kbp["pp"] / "dataset.json").read_text())["labels"]
     net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, len(labels), True)
     load_pretrained_weights(net, str(ckpt))
-    pretrained = torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"]
+    pretrained = load_checkpoint_file(ckpt)["network_weights"]
     for key, value in net.state_dict().items():
         if ".seg_layers." not in key:
             assert torch.equal(value, pretrained[key]), key

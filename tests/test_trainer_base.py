@@ -252,3 +252,55 @@ def test_long_pretraining_arms_scale_only_the_stage_lengths(nnunet_env):
             assert long.finetune_epochs == short.finetune_epochs == 0
     assert parse_arms(["separeg5x"]) == [("separeg5x", "nnUNetTrainerSepaRegPretrain5x")]
     assert not any(a.endswith("5x") for a in DEFAULT_ARMS)  # on request only
+
+
+# ------------------------------------------------------------------------------------------- reliability
+class _WritesAFile:
+    """Unpickling this writes a file: what a hostile checkpoint could do with weights_only=False."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def test_resume_refuses_a_checkpoint_that_carries_code(make_trainer, tmp_path):
+    from nnunet_cl.safe_load import UnsafeCheckpointError
+    marker = tmp_path / "code_ran"
+    crafted = tmp_path / "checkpoint_latest.pth"
+    torch.save({"network_weights": {}, "x": _WritesAFile(str(marker))}, crafted)
+    with pytest.raises(UnsafeCheckpointError, match="Refused to load .*could run code"):
+        make_trainer().load_checkpoint(str(crafted))
+    assert not marker.exists()
+
+
+def test_a_truncated_latest_checkpoint_resumes_from_the_previous_one(make_trainer, capsys):
+    trainer = make_trainer()
+    latest = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+    os.makedirs(trainer.output_folder, exist_ok=True)
+    trainer.current_epoch = 3
+    trainer.save_checkpoint(latest)  # becomes the previous one at the next save
+    trainer.current_epoch = 5
+    trainer.save_checkpoint(latest)
+    assert os.path.isfile(trainer_base.previous_checkpoint(latest))
+    with open(latest, "r+b") as f:  # a crash of the disk, not of our write (which is atomic)
+        f.truncate(os.path.getsize(latest) // 2)
+    resumed = make_trainer()
+    resumed.load_checkpoint(latest)
+    assert resumed.current_epoch == 4  # the previous checkpoint's next epoch
+    assert "Resuming from the checkpoint saved before it" in capsys.readouterr().out
+    os.remove(trainer_base.previous_checkpoint(latest))
+    with pytest.raises(trainer_base.NnUNetCLError, match="No earlier checkpoint to fall back to. Fix: delete"):
+        make_trainer().load_checkpoint(latest)
+
+
+def test_bad_settings_are_refused_at_set_up(make_trainer):
+    from nnunet_cl_trainers import nnUNetTrainerPolyCL
+    with pytest.raises(trainer_base.NnUNetCLError, match="gives 1 scan.* Fix: set pretrain_batch_size >= 4"):
+        make_trainer(cls=nnUNetTrainerPolyCL, pretrain_batch_size=2)
+    with pytest.raises(trainer_base.NnUNetCLError, match="strategy 'X'"):
+        make_trainer(cls=nnUNetTrainerPolyCL, strategy="X")
+    with pytest.raises(trainer_base.NnUNetCLError, match="stage lengths must be >= 0"):
+        make_trainer(finetune_epochs=-1)

@@ -107,13 +107,15 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp and device.type != "cuda":  # nnU-Net assumes DDP means CUDA; torchrun with gloo runs on CPU
             self.device, self.grad_scaler = device, None
+        elif self.is_ddp:  # nnU-Net takes the global rank as the GPU index; on several machines it is the local one
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.local_rank)))
         # stage lengths; thin variants change these (nnUNetTrainerSimCLR_50pt_250ft ...)
         self.pretrain_epochs = 100
         self.finetune_epochs = 1000
         self.pretrain_iterations_per_epoch = 250
         self.finetune_iterations_per_epoch = self.num_iterations_per_epoch
         self.finetune_val_iterations_per_epoch = self.num_val_iterations_per_epoch
-        self.pretrain_batch_size = None  # samples per pretraining step (two views each); None: plans' batch size
+        self.pretrain_batch_size = None  # samples per step (two views each); None: half the plans' batch, >= 2
         # pretraining optimiser: AdamW with nnU-Net's poly decay over the pretraining stage
         self.pretrain_lr = 1e-3
         self.pretrain_weight_decay = 1e-5
@@ -234,7 +236,7 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
             if self.device.type == "cuda":
                 self.train_modules = nn.SyncBatchNorm.convert_sync_batchnorm(self.train_modules)
             # find_unused_parameters: a stage leaves modules out (the decoder while pretraining the encoder)
-            self.train_modules = DDP(self.train_modules, device_ids=[self.local_rank] if self.device.type == "cuda"
+            self.train_modules = DDP(self.train_modules, device_ids=[self.device.index] if self.device.type == "cuda"
                                      else None, find_unused_parameters=True)
             self.network = RankNetwork(self.network)
 
@@ -284,9 +286,10 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
             foreground_labels=self.label_manager.foreground_labels, regions=None,
             ignore_label=self.label_manager.ignore_label)
-        # self.batch_size is per rank already (nnU-Net's split); pretrain_batch_size is the global batch
+        # pretrain_batch_size is the global batch; by default each rank takes half of its nnU-Net batch (already
+        # split over the ranks) as samples, so that with two views a step holds the images the plans sized it for
         batch_size = self.pretrain_batch_per_rank(self.pretrain_batch_size) if self.pretrain_batch_size \
-            else self.batch_size
+            else max(2, self.batch_size // 2)
         loader = TwoViewDataLoader(PoolDataset(members), batch_size, initial_patch_size,
                                    self.configuration_manager.patch_size, self.label_manager,
                                    oversample_foreground_percent=0.0, transforms=transforms)

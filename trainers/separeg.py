@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import nn
 
@@ -137,6 +138,8 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         self.distill_balanced = True  # every cluster the same number of distillation blocks per pass, as the
         # authors' batches hold one block per expert; False: blocks in proportion to cluster size
         self.embed_batch_size = 64
+        self.cluster_max_regions = 4096  # k-means (and the experts) on at most this many regions, drawn at random
+        # with kmeans_seed; None: all of them, as the paper. Bounds the embedding pass on large pools
         self.distill_loss = "cosine"  # 'cosine' (regression of the expert's projection) or 'kl'
         self.distill_temperature = 0.1  # KL variant
         self.distill_base_weight = 1.0  # KL variant: weight of the regression onto the base model ("chair")
@@ -438,9 +441,9 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             st.experts[st.working[1]] = self._snapshot(with_teacher=False)
 
     @torch.no_grad()
-    def region_embeddings(self, branch=None) -> np.ndarray:
-        """Embeddings of every cached crop (no augmentation), float32 (N, D): the projections, or the pooled
-        features with cluster_features = 'pooled'."""
+    def region_embeddings(self, branch=None, indices: np.ndarray | None = None) -> np.ndarray:
+        """Embeddings of the cached crops `indices` (default: all), no augmentation, float32 (n, D): the
+        projections, or the pooled features with cluster_features = 'pooled'. Batched, with a progress bar."""
         if self.cluster_features not in ("projection", "pooled"):
             raise ValueError(f"cluster_features must be 'projection' or 'pooled', not {self.cluster_features!r}")
         which = 1 if self.cluster_features == "projection" else 0
@@ -448,10 +451,13 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         was_training = [m.training for m in branch.values()]
         for m in branch.values():
             m.eval()
+        indices = np.arange(len(self.sepa.regions)) if indices is None else np.asarray(indices)
         out = []
         try:
-            for start in range(0, len(self.sepa.regions), self.embed_batch_size):
-                x = self._crops_tensor(np.arange(start, min(start + self.embed_batch_size, len(self.sepa.regions))))
+            starts = range(0, len(indices), self.embed_batch_size)
+            for start in tqdm(starts, desc="SepaReg: embedding regions for k-means", unit="batch",
+                              disable=self.local_rank != 0, mininterval=10):
+                x = self._crops_tensor(indices[start:start + self.embed_batch_size])
                 out.append(self.embed(branch, x)[which].float().cpu())
         finally:
             for m, t in zip(branch.values(), was_training):
@@ -463,15 +469,21 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         if self.sepa.regions is None:
             raise RuntimeError("no region crops loaded: the region cache must be built first")
         t0 = time.time()
+        n = len(self.sepa.regions)
+        sample = np.arange(n)
+        if self.cluster_max_regions is not None and n > self.cluster_max_regions:
+            sample = np.sort(np.random.default_rng(self.kmeans_seed).choice(n, self.cluster_max_regions,
+                                                                           replace=False))
+        n_emb = len(sample)
         assignments = centroids = None
-        n_emb = len(self.sepa.regions)
         if self.local_rank == 0:  # once, then every rank trains on the same clusters
-            emb = self.region_embeddings()
-            assignments, centroids = kmeans_regions(emb, self.k, seed=self.kmeans_seed)
+            assignments = np.full(n, -1, dtype=np.int64)  # -1: not clustered, never drawn for an expert
+            assignments[sample], centroids = kmeans_regions(self.region_embeddings(indices=sample), self.k,
+                                                            seed=self.kmeans_seed)
         assignments, centroids = broadcast_objects(assignments, centroids)
         self.sepa.assignments, self.sepa.centroids = assignments, centroids
-        sizes = np.bincount(assignments, minlength=len(centroids))
-        self.print_to_log_file(f"SepaReg: k-means of {n_emb} region embeddings ({self.cluster_features}) into "
+        sizes = np.bincount(assignments[assignments >= 0], minlength=len(centroids))
+        self.print_to_log_file(f"SepaReg: k-means of {n_emb} of {n} region embeddings ({self.cluster_features}) into "
                                f"{len(centroids)} clusters "
                                f"(sizes {sizes.tolist()}) in {time.time() - t0:.1f} s")
 
@@ -572,8 +584,8 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         over the clusters (None: proportional)."""
         if not self.distill_balanced:
             return None
-        n_clusters = len(np.unique(self.sepa.assignments))
-        return max(1, round(len(self.sepa.assignments) / (n_clusters * self.regions_per_step)))
+        clustered = self.sepa.assignments[self.sepa.assignments >= 0]
+        return max(1, round(len(clustered) / (len(np.unique(clustered)) * self.regions_per_step)))
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def cl_extra_state(self) -> dict:

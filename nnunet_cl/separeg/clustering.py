@@ -54,10 +54,11 @@ def expert_blocks(assignments: np.ndarray, n_per_expert: int, generator: np.rand
     still give one full block, so small organs keep their expert) or yielded short (``pad=False``).
     ``blocks_per_cluster`` instead gives every cluster exactly that many blocks (balanced sampling: small
     clusters are cycled through, reshuffled on each pass). The order of all blocks is shuffled.
-    The cluster of a block is ``assignments[block[0]]``.
+    The cluster of a block is ``assignments[block[0]]``. Regions with a negative id (not clustered) are never
+    drawn.
 
     Args:
-        assignments: (N,) cluster id per region.
+        assignments: (N,) cluster id per region, -1 for regions left out of the clustering.
         generator: numpy Generator or seed (the iterator is deterministic given it).
     """
     a = np.asarray(assignments).ravel()
@@ -65,7 +66,7 @@ def expert_blocks(assignments: np.ndarray, n_per_expert: int, generator: np.rand
         raise ValueError(f"n_per_expert must be >= 1; got {n_per_expert}")
     rng = generator if isinstance(generator, np.random.Generator) else np.random.default_rng(generator)
     blocks: list[np.ndarray] = []
-    for c in np.unique(a):
+    for c in np.unique(a[a >= 0]):
         idx = np.flatnonzero(a == c)
         if blocks_per_cluster is not None:
             need = blocks_per_cluster * n_per_expert
