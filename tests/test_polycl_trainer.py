@@ -21,8 +21,8 @@ from nnunet_cl.safe_load import load_checkpoint_file
 
 from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.pretrain_plans import add_pretrain_configuration, network_divisor, reduced_patch_size
-from nnunet_cl_trainers.polycl import (nnUNetTrainerPolyCL, nnUNetTrainerPolyCL_M, nnUNetTrainerPolyCL_O,
-                                       nnUNetTrainerPolyCLPretrain)
+from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCL, nnUNetTrainerPolyCLPretrain
+from nnunet_cl_trainers.variants import nnUNetTrainerPolyCL_M, nnUNetTrainerPolyCL_O
 from nnunet_cl_trainers.polycl_data import PolyCLPatchLoader, PolyCLPoolDataset
 
 from helpers import cli_env, fake_preprocessed_folder, run, tiny_plans

@@ -16,8 +16,8 @@ import torch
 from nnunet_cl.safe_load import load_checkpoint_file
 
 from nnunet_cl_trainers.base import FINETUNE, PRETRAIN
-from nnunet_cl_trainers.separeg import (DISTILL, EXPERT, REGION, nnUNetTrainerSepaReg, nnUNetTrainerSepaRegBYOL,
-                                        nnUNetTrainerSepaRegPretrain)
+from nnunet_cl_trainers.separeg import DISTILL, EXPERT, REGION, nnUNetTrainerSepaReg, nnUNetTrainerSepaRegPretrain
+from nnunet_cl_trainers.variants import nnUNetTrainerSepaRegBYOL
 
 from helpers import cli_env, fake_preprocessed_folder, run, tiny_plans
 

@@ -10,9 +10,6 @@ from nnunet_cl_trainers.variants import *  # noqa: F401,F403
 from nnunet_cl_trainers.finetune import nnUNetTrainerFinetune
 from nnunet_cl_trainers.demo import (nnUNetTrainer_clDemo, nnUNetTrainer_clDemoQuick, nnUNetTrainerSimCLR_clDemo,
                                      nnUNetTrainerSimCLR_clDemoQuick)
-from nnunet_cl_trainers.separeg import *  # noqa: F401,F403
-from nnunet_cl_trainers.polycl import (nnUNetTrainerPolyCL, nnUNetTrainerPolyCL_M, nnUNetTrainerPolyCL_O,
-                                       nnUNetTrainerPolyCL_S, nnUNetTrainerPolyCLPretrain,
-                                       nnUNetTrainerPolyCLPretrain_M, nnUNetTrainerPolyCLPretrain_O,
-                                       nnUNetTrainerPolyCLPretrain_S)
+from nnunet_cl_trainers.separeg import nnUNetTrainerSepaReg, nnUNetTrainerSepaRegPretrain
+from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCL, nnUNetTrainerPolyCLPretrain
 from nnunet_cl_trainers.benchmark import *

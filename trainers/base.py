@@ -52,7 +52,7 @@ from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.processes import end_children_with_parent, exit_on_sigterm
 from nnunet_cl.safe_load import CorruptCheckpointError, load_checkpoint_file
 from nnunet_cl.plotting import plot_loss_terms
-from nnunet_cl.pool import list_pool
+from nnunet_cl.pool import list_pool, load_manifest, pool_identifiers
 from nnunet_cl_trainers.pool_data import PoolDataset, TwoViewDataLoader
 from nnunet_cl_trainers.seeding import augmenter_seed, seed_everything, seeded_augmenters
 
@@ -277,8 +277,7 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
 
     def get_pretrain_dataloader(self):
         """Hook: batches for `pretrain_losses`. Default: two nnU-Net-augmented views of pool crops."""
-        members = shard(list_pool(self.preprocessed_dataset_folder_base,
-                                  self.configuration_manager.data_identifier, self.fold))
+        members = self.pool_members(shard_by_rank=True)
         rotation, do_dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         transforms = self.get_training_transforms(
@@ -295,6 +294,24 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
                                    oversample_foreground_percent=0.0, transforms=transforms)
         self.print_to_log_file(f"Pretraining pool: {len(members)} cases, {batch_size} samples x 2 views per step")
         return self.augmenter(loader)
+
+    def pool_members(self, shard_by_rank: bool) -> list[tuple[str, str]]:
+        """The pretraining pool of this configuration and fold (nnunet_cl.pool.list_pool), this rank's share of
+        it with shard_by_rank. Refused when ingested unlabeled cases lack this configuration: pretraining would
+        silently leave them out."""
+        folder, data_identifier = self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier
+        ingested = load_manifest(folder)
+        present = {i for _, i in pool_identifiers(folder, data_identifier)}
+        missing = [c for c in ingested if c not in present]
+        if missing:
+            name, plans = self.plans_manager.dataset_name, self.plans_manager.plans_name
+            raise NnUNetCLError(
+                f"{len(missing)} of the {len(ingested)} unlabeled pool cases of {name} are not preprocessed for "
+                f"configuration {self.configuration_name} of plans {plans} (folder {data_identifier}), so "
+                f"pretraining would leave them out. Fix: nnUNetv2_cl_add_unlabeled -d {name} -i FOLDER -p {plans} "
+                f"-c {self.configuration_name} with the folder you added them from (cases already there are kept).")
+        members = list_pool(folder, data_identifier, self.fold)
+        return shard(members) if shard_by_rank else members
 
     def augmenter(self, loader):
         """The loader in nnU-Net's background augmenter, with nnU-Net's worker count (nnUNet_n_proc_DA)."""

@@ -9,7 +9,8 @@ Organ presence is known only for the fold's labeled training cases (nnU-Net's cl
 pool case is unknown and takes part as under S.
 
 Trainers: nnUNetTrainerPolyCL (staged: pretraining on the pool, then nnU-Net fine-tuning on the labeled split),
-nnUNetTrainerPolyCLPretrain (pool only; its checkpoint goes to -pretrained_weights) and their _S/_O/_M variants.
+nnUNetTrainerPolyCLPretrain (pool only; its checkpoint goes to -pretrained_weights); their _S/_O/_M variants are
+rows of trainers/variants.py.
 """
 import numpy as np
 import torch
@@ -18,14 +19,13 @@ from nnunetv2.configuration import ANISO_THRESHOLD
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from torch import nn
 
-from nnunet_cl.distributed import broadcast_objects, gather_with_grad, rank, shard
+from nnunet_cl.distributed import broadcast_objects, gather_with_grad, rank
 from nnunet_cl.heads import pooled_embedding, pooled_projection_heads
 from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, polycl_triplet_loss
 from nnunet_cl.polycl.pairs import STRATEGIES, normalize_presence, sample_triplets, strategy_masks, valid_anchor_mask
 from nnunet_cl.pretrain_plans import check_bottleneck, network_divisor, reduced_patch_size
-from nnunet_cl.pool import list_pool
-from nnunet_cl_trainers.base import PRETRAIN, attribute_variant, nnUNetTrainerCLBase
+from nnunet_cl_trainers.base import PRETRAIN, nnUNetTrainerCLBase
 from nnunet_cl_trainers.polycl_data import PolyCLPatchLoader, PolyCLPoolDataset
 
 LOSS_FORMS = ("infonce", "triplet")
@@ -139,8 +139,7 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
 
     def get_pretrain_dataloader(self):
         self.check_settings()
-        members = shard(list_pool(self.preprocessed_dataset_folder_base,
-                                  self.configuration_manager.data_identifier, self.fold))
+        members = self.pool_members(shard_by_rank=True)
         if len(members) < 2:
             raise NnUNetCLError(f"The pool has {len(members)} case(s); PolyCL needs >= 2 scans (negatives come from "
                                 f"other scans). Fix: nnUNetv2_cl_add_unlabeled -d DATASET -i FOLDER.")
@@ -225,14 +224,3 @@ class nnUNetTrainerPolyCLPretrain(nnUNetTrainerPolyCL):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.finetune_epochs = 0
-
-
-_STRATEGIES = {"S": "same scan = positive, other scans = negatives. Needs no labels",
-               "O": "same organ presence = positive, opposite presence = negative (any scan)",
-               "M": "same scan and same presence = positive; another scan without the organ = negative"}
-
-for _s, _rule in _STRATEGIES.items():  # nnUNetTrainerPolyCL_S, ..., nnUNetTrainerPolyCLPretrain_M
-    for _base, _what in ((nnUNetTrainerPolyCL, ""), (nnUNetTrainerPolyCLPretrain, ", pretraining only")):
-        _name = f"{_base.__name__}_{_s}"
-        globals()[_name] = attribute_variant(_base, _name, __name__, f"PolyCL-{_s}{_what}: {_rule}.", strategy=_s)
-del _s, _rule, _base, _what, _name

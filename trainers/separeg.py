@@ -33,20 +33,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import nn
 
 from nnunet_cl.distributed import broadcast_objects
 from nnunet_cl.heads import local_head
-from nnunet_cl.pool import list_pool
 from nnunet_cl.separeg.cache import PreprocessedCaseLoader, build_region_cache, load_region_cache
 from nnunet_cl.separeg.clustering import expert_blocks, kmeans_regions
 from nnunet_cl.separeg.defaults import CACHE_FOLDER, SEPARATION_DEFAULTS
 from nnunet_cl.separeg.losses import (byol_loss, distill_cosine_loss, distill_kl_loss, ema_update, mlp_head,
                                       simsiam_loss)
 from nnunet_cl.views import flip_view, intensity_view
-from nnunet_cl_trainers.base import FINETUNE, PRETRAIN, attribute_variant, nnUNetTrainerCLBase
+from nnunet_cl_trainers.base import FINETUNE, PRETRAIN, nnUNetTrainerCLBase
 from nnunet_cl_trainers.seeding import augmenter_seed
 
 REGION, EXPERT, DISTILL = "region", "expert", "distill"
@@ -124,7 +122,9 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         # inter-organ representation
         self.objective = "simsiam"  # 'simsiam' (the paper's figure) or 'byol' (the authors' code)
         self.byol_momentum = 0.99
-        self.regions_per_step = 32  # region crops per step (two views each); also the distillation block size
+        # region crops per step (two views each), also the distillation block size; None: as many as hold the voxels
+        # of the plans' batch (>= 8, <= 256), so a step costs what an nnU-Net step does. The paper uses 32
+        self.regions_per_step = None
         self.projection_dim = 256
         self.projection_hidden = 1024
         self.predictor_hidden = 64
@@ -230,7 +230,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         if self._conv_op() is not nn.Conv3d:
             raise ValueError(f"SepaReg separates 3d volumes into 3d region crops; configuration "
                              f"{self.configuration_name!r} is 2d. Fix: train a 3d configuration (3d_fullres).")
-        if self.regions_per_step < 2:
+        if self.resolved_regions_per_step() < 2:
             raise ValueError("regions_per_step must be >= 2 (the heads use batch normalisation)")
         import copy
         enc = self.unwrapped_network.encoder
@@ -432,7 +432,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             self._restore(st.base)
             st.working = ("student", None)
             self.print_to_log_file(f"SepaReg: distilling {self.n_experts} frozen experts into the student "
-                                   f"(initialised from the base), {self.regions_per_step} regions of one cluster per "
+                                   f"(initialised from the base), {self.resolved_regions_per_step()} regions of one cluster per "
                                    f"step, clusters {'balanced' if self.distill_balanced else 'by size'}")
 
     def _stash_expert(self):
@@ -451,6 +451,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         was_training = [m.training for m in branch.values()]
         for m in branch.values():
             m.eval()
+        from tqdm import tqdm
         indices = np.arange(len(self.sepa.regions)) if indices is None else np.asarray(indices)
         out = []
         try:
@@ -498,8 +499,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
 
     def prepare_regions(self) -> None:
         """Separate every pool case not yet cached (never reads labels), then load the crops into memory."""
-        members = list_pool(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier,
-                            self.fold)
+        members = self.pool_members(shard_by_rank=False)  # every rank holds all crops, draws its own batches
         spacing = [float(s) for s in self.configuration_manager.spacing]
         cases = [(ident, PreprocessedCaseLoader(folder, ident, spacing=spacing)) for folder, ident in members]
         if self.local_rank == 0:
@@ -521,7 +521,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         crops, index = load_region_cache(self.region_cache_folder, ids, dtype=None)
         self.set_regions(crops, index.case_ids, index.case, index.region_id)
         self.print_to_log_file(f"SepaReg pool: {len(ids)} cases, {len(crops)} region crops of {crops.shape[2:]}, "
-                               f"{self.regions_per_step} regions x 2 views per step")
+                               f"{self.resolved_regions_per_step()} regions x 2 views per step")
 
     def set_regions(self, crops: np.ndarray, case_ids, case: np.ndarray | None = None,
                     region_id: np.ndarray | None = None) -> None:
@@ -577,7 +577,14 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
     @property
     def regions_per_rank(self) -> int:
         """This rank's share of regions_per_step (the global batch, as nnU-Net's batch size is)."""
-        return self.pretrain_batch_per_rank(self.regions_per_step)
+        return self.pretrain_batch_per_rank(self.resolved_regions_per_step())
+
+    def resolved_regions_per_step(self) -> int:
+        """regions_per_step, or (None) the crops whose two views hold as many voxels as the plans' batch."""
+        if self.regions_per_step is not None:
+            return int(self.regions_per_step)
+        voxels = int(self.configuration_manager.batch_size) * int(np.prod(self.configuration_manager.patch_size))
+        return int(min(256, max(8, round(voxels / (2 * int(self.crop_size) ** 3)))))
 
     def _blocks_per_cluster(self) -> int | None:
         """Balanced distillation: as many blocks in a pass as proportional sampling would give, split evenly
@@ -585,7 +592,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         if not self.distill_balanced:
             return None
         clustered = self.sepa.assignments[self.sepa.assignments >= 0]
-        return max(1, round(len(clustered) / (len(np.unique(clustered)) * self.regions_per_step)))
+        return max(1, round(len(clustered) / (len(np.unique(clustered)) * self.resolved_regions_per_step())))
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def cl_extra_state(self) -> dict:
@@ -619,26 +626,3 @@ class nnUNetTrainerSepaRegPretrain(nnUNetTrainerSepaReg):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.finetune_epochs = 0
-
-
-def _variant(base, name: str, **attrs):
-    return attribute_variant(base, name, __name__, **attrs)
-
-
-nnUNetTrainerSepaRegSimSiam = _variant(nnUNetTrainerSepaReg, "nnUNetTrainerSepaRegSimSiam", objective="simsiam")
-nnUNetTrainerSepaRegBYOL = _variant(nnUNetTrainerSepaReg, "nnUNetTrainerSepaRegBYOL", objective="byol")
-nnUNetTrainerSepaRegKL = _variant(nnUNetTrainerSepaReg, "nnUNetTrainerSepaRegKL", distill_loss="kl")
-nnUNetTrainerSepaRegSimSiamPretrain = _variant(nnUNetTrainerSepaRegPretrain, "nnUNetTrainerSepaRegSimSiamPretrain",
-                                               objective="simsiam")
-nnUNetTrainerSepaRegBYOLPretrain = _variant(nnUNetTrainerSepaRegPretrain, "nnUNetTrainerSepaRegBYOLPretrain",
-                                            objective="byol")
-nnUNetTrainerSepaRegKLPretrain = _variant(nnUNetTrainerSepaRegPretrain, "nnUNetTrainerSepaRegKLPretrain",
-                                          distill_loss="kl")
-for _base in (nnUNetTrainerSepaReg, nnUNetTrainerSepaRegBYOL, nnUNetTrainerSepaRegPretrain,
-              nnUNetTrainerSepaRegBYOLPretrain):
-    for _k in (4, 8):  # _k4 is the default k, named so that a sweep over k reads alike
-        _name = f"{_base.__name__}_k{_k}"
-        globals()[_name] = _variant(_base, _name, k=_k)
-del _base, _k, _name
-
-__all__ = sorted(n for n in dir() if n.startswith("nnUNetTrainerSepaReg"))

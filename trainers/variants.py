@@ -1,23 +1,59 @@
-"""Thin variants for common stage lengths, in nnU-Net's naming style (`nnUNetTrainer_100epochs` ...).
+"""Every thin variant of every method, generated from one table (nnU-Net's variant style: a subclass that only
+sets attributes, named `<base>_<suffix>` or `<base><Suffix>`).
 
-`_<P>pt_<F>ft`: P pretraining epochs, then F fine-tuning epochs, 250 iterations each as in nnU-Net.
+A new method adds its rows here; nothing else names its variants. Rows:
+  - `_<P>pt_<F>ft`: P pretraining epochs, then F fine-tuning epochs, 250 iterations each as in nnU-Net;
+  - `_quick`: a first look at a method on a CPU: 5 short pretraining epochs, then 5 short fine-tuning epochs;
+  - method options (PolyCL's strategies, SepaReg's objective, distillation loss and k).
 """
 from nnunet_cl_trainers.base import attribute_variant
+from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCL, nnUNetTrainerPolyCLPretrain
+from nnunet_cl_trainers.separeg import nnUNetTrainerSepaReg, nnUNetTrainerSepaRegPretrain
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLR, nnUNetTrainerSimCLRPretrain
 
+_QUICK_ITERATIONS = dict(pretrain_iterations_per_epoch=10, finetune_iterations_per_epoch=10,
+                         finetune_val_iterations_per_epoch=5)
+_POLYCL_RULES = {"S": "same scan = positive, other scans = negatives. Needs no labels",
+                 "O": "same organ presence = positive, opposite presence = negative (any scan)",
+                 "M": "same scan and same presence = positive; another scan without the organ = negative"}
 
-def _stages(base, pretrain_epochs: int, finetune_epochs: int | None = None):
-    """`base` with only the stage lengths set (like nnU-Net's epoch variants)."""
-    attrs = {"pretrain_epochs": pretrain_epochs}
-    if finetune_epochs is not None:
-        attrs["finetune_epochs"] = finetune_epochs
-    suffix = f"_{pretrain_epochs}pt" + (f"_{finetune_epochs}ft" if finetune_epochs is not None else "")
-    return attribute_variant(base, base.__name__ + suffix, __name__, **attrs)
+# (base class, name of the variant, attributes, docstring or None)
+VARIANTS = [
+    (nnUNetTrainerSimCLR, "nnUNetTrainerSimCLR_10pt_50ft", dict(pretrain_epochs=10, finetune_epochs=50), None),
+    (nnUNetTrainerSimCLR, "nnUNetTrainerSimCLR_50pt_250ft", dict(pretrain_epochs=50, finetune_epochs=250), None),
+    (nnUNetTrainerSimCLR, "nnUNetTrainerSimCLR_100pt_1000ft", dict(pretrain_epochs=100, finetune_epochs=1000),
+     "The defaults, named for sweeps."),
+    (nnUNetTrainerSimCLRPretrain, "nnUNetTrainerSimCLRPretrain_10pt", dict(pretrain_epochs=10), None),
+    (nnUNetTrainerSimCLRPretrain, "nnUNetTrainerSimCLRPretrain_50pt", dict(pretrain_epochs=50), None),
+    (nnUNetTrainerSimCLRPretrain, "nnUNetTrainerSimCLRPretrain_300pt", dict(pretrain_epochs=300), None),
+]
+for _s, _rule in _POLYCL_RULES.items():
+    VARIANTS += [(nnUNetTrainerPolyCL, f"nnUNetTrainerPolyCL_{_s}", dict(strategy=_s), f"PolyCL-{_s}: {_rule}."),
+                 (nnUNetTrainerPolyCLPretrain, f"nnUNetTrainerPolyCLPretrain_{_s}", dict(strategy=_s),
+                  f"PolyCL-{_s}, pretraining only: {_rule}.")]
+for _base in (nnUNetTrainerSepaReg, nnUNetTrainerSepaRegPretrain):
+    _stem = _base.__name__[:-len("Pretrain")] if _base is nnUNetTrainerSepaRegPretrain else _base.__name__
+    _tail = "Pretrain" if _base is nnUNetTrainerSepaRegPretrain else ""
+    VARIANTS += [(_base, f"{_stem}SimSiam{_tail}", dict(objective="simsiam"), None),
+                 (_base, f"{_stem}BYOL{_tail}", dict(objective="byol"), None),
+                 (_base, f"{_stem}KL{_tail}", dict(distill_loss="kl"), None)]
+    for _k in (4, 8):  # _k4 is the default k, named so that a sweep over k reads alike
+        VARIANTS += [(_base, f"{_base.__name__}_k{_k}", dict(k=_k), None),
+                     (_base, f"{_stem}BYOL{_tail}_k{_k}", dict(objective="byol", k=_k), None)]
+# quick variants: one per family, the same name pattern for all
+VARIANTS += [
+    (nnUNetTrainerSimCLR, "nnUNetTrainerSimCLR_quick", dict(pretrain_epochs=5, finetune_epochs=5, **_QUICK_ITERATIONS),
+     "SimCLR, a first look: 5 x 10 pretraining steps, then 5 x 10 fine-tuning steps."),
+    (nnUNetTrainerPolyCL, "nnUNetTrainerPolyCL_quick", dict(pretrain_epochs=5, finetune_epochs=5, **_QUICK_ITERATIONS),
+     "PolyCL-S, a first look: 5 x 10 pretraining steps, then 5 x 10 fine-tuning steps."),
+    (nnUNetTrainerSepaReg, "nnUNetTrainerSepaReg_quick",
+     dict(region_epochs=2, k=2, expert_epochs=1, distill_epochs=1, finetune_epochs=5, **_QUICK_ITERATIONS),
+     "SepaReg, a first look: separation, 2 region epochs, 2 experts of 1 epoch, 1 distillation epoch (10 steps "
+     "each), then 5 x 10 fine-tuning steps."),
+]
 
+for _base, _name, _attrs, _doc in VARIANTS:
+    globals()[_name] = attribute_variant(_base, _name, __name__, _doc, **_attrs)
 
-nnUNetTrainerSimCLR_10pt_50ft = _stages(nnUNetTrainerSimCLR, 10, 50)
-nnUNetTrainerSimCLR_50pt_250ft = _stages(nnUNetTrainerSimCLR, 50, 250)
-nnUNetTrainerSimCLR_100pt_1000ft = _stages(nnUNetTrainerSimCLR, 100, 1000)  # the defaults, named for sweeps
-nnUNetTrainerSimCLRPretrain_10pt = _stages(nnUNetTrainerSimCLRPretrain, 10)
-nnUNetTrainerSimCLRPretrain_50pt = _stages(nnUNetTrainerSimCLRPretrain, 50)
-nnUNetTrainerSimCLRPretrain_300pt = _stages(nnUNetTrainerSimCLRPretrain, 300)
+__all__ = [name for _, name, _, _ in VARIANTS]
+del _s, _rule, _base, _stem, _tail, _k, _name, _attrs, _doc

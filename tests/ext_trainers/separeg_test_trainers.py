@@ -5,7 +5,8 @@ epoch, so a whole staged run on a few small CTs takes well under a minute of tra
 """
 import torch
 
-from nnunet_cl_trainers.separeg import nnUNetTrainerSepaReg, nnUNetTrainerSepaRegBYOLPretrain
+from nnunet_cl_trainers.separeg import nnUNetTrainerSepaReg
+from nnunet_cl_trainers.variants import nnUNetTrainerSepaRegBYOLPretrain
 
 
 def _tiny(trainer):
