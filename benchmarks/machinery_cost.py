@@ -62,7 +62,7 @@ def build(case: str, args):
 
 
 def images_per_step(batch: dict) -> int:
-    views = 2 if "data2" in batch else 1
+    views = 2 if "data2" in batch or "phase" in batch else 1  # SepaReg makes its two views in prepare_batch
     return int(batch["data"].shape[0]) * views
 
 

@@ -11,8 +11,13 @@ def ext_trainer_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "ext")
 
 
-def main():
+def main(argv=None):
     """Print the path; `export nnUNet_extTrainer=$(nnUNetv2_cl_ext_trainer_path)` makes -tr find our trainers."""
+    import argparse
+    argparse.ArgumentParser(prog="nnUNetv2_cl_ext_trainer_path",
+                            description="Print the folder nnUNet_extTrainer must point at so that nnUNetv2_train "
+                                        "-tr finds nnunet-cl's trainers: export nnUNet_extTrainer="
+                                        "$(nnUNetv2_cl_ext_trainer_path)").parse_args(argv)
     try:
         print(ext_trainer_path())
     except RuntimeError as e:  # on stderr with a non-zero exit, so $(...) is empty and the shell sees the failure

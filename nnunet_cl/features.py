@@ -33,9 +33,10 @@ def decoder_stages(network: nn.Module, stages) -> dict[str, nn.Module]:
 def unet_features(network: nn.Module, x, encoder=(), decoder=(), with_output: bool = True):
     """One pass through nnU-Net's U-Net: (segmentation output or None, {name: feature map}).
 
-    `encoder` lists encoder stages, named 'enc<i>' (negative i counts from the bottleneck, as the skips list does), `decoder` lists
-    decoder stages, named 'dec<s>' (0 = coarsest). The decoder runs only when its stages or the output are asked for, so an
-    encoder-only objective pays for the encoder alone. A feature map's voxel grid is the input's, strided by
+    `encoder` lists encoder stages, named 'enc<i>' (negative i counts from the bottleneck, as the skips list
+    does), `decoder` lists decoder stages, named 'dec<s>' (0 = coarsest). The decoder runs only when its stages
+    or the output are asked for, so an encoder-only objective pays for the encoder alone. A feature map's voxel
+    grid is the input's, strided by
     x.shape[2:] / feature.shape[2:].
     """
     skips = network.encoder(x)

@@ -23,10 +23,13 @@ def plot_loss_terms(logging: dict, keys: list[str], progress_png: str) -> None:
     dpi = 100
     fig, ax = plt.subplots(figsize=(width_px / dpi, width_px / dpi / 3), dpi=dpi)
     x = np.arange(n)
-    for k in keys:
+    drawn = [k for k in keys if not np.all(np.isnan(np.asarray(logging[k][:n], dtype=float)))]
+    for k in drawn:
         y = np.asarray(logging[k][:n], dtype=float)
-        if not np.all(np.isnan(y)):
-            ax.plot(x, y, linewidth=3 if k.endswith("total") else 2, label=k.removeprefix("cl_"))
+        if k.endswith("total") and len(drawn) == 2:
+            continue  # the total of one term is that term: drawn twice, one line would hide the other
+        # the total dashed on top, so the terms beneath it stay visible
+        ax.plot(x, y, linewidth=2, linestyle="--" if k.endswith("total") else "-", label=k.removeprefix("cl_"))
     ax.set_xlim(0, max(n - 1, 1))  # the same epoch axis as nnU-Net's panels above
     ax.set_xlabel("epoch", fontsize=24)
     ax.set_ylabel("contrastive loss", fontsize=24)

@@ -61,7 +61,8 @@ def load_checkpoint_file(path: str, map_location="cpu") -> dict:
             wanted = re.findall(r"GLOBAL ([\w.]+)", str(e))
             what = f"it asks for {', '.join(sorted(set(wanted)))}" if wanted else "it asks for pickled objects"
             raise UnsafeCheckpointError(
-                f"Refused to load {path}: {what}, which is neither a tensor nor plain data. Loading it with pickle could run code from the file. Fix: get the checkpoint from "
+                f"Refused to load {path}: {what}, which is neither a tensor nor plain data. Loading it with "
+                f"pickle could run code from the file. Fix: get the checkpoint from "
                 f"a source you trust as safetensors (nnUNetv2_cl_export --safetensors), or re-save its "
                 f"state dicts as plain tensors.") from None
         raise CorruptCheckpointError(f"Checkpoint {path} cannot be read ({type(e).__name__}: {e}). It is "

@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nnunet_cl.distributed import shard
 from nnunet_cl.features import unet_features
 from nnunet_cl.memory import fix_mmap_threshold
-from nnunet_cl.paths import NnUNetCLError
+from nnunet_cl.paths import NnUNetCLError, save_json_atomic
 from nnunet_cl.processes import end_children_with_parent, exit_on_sigterm
 from nnunet_cl.safe_load import CorruptCheckpointError, load_checkpoint_file
 from nnunet_cl.plotting import plot_loss_terms
@@ -59,6 +59,7 @@ from nnunet_cl_trainers.seeding import augmenter_seed, seed_everything, seeded_a
 PRETRAIN, FINETUNE = "pretrain", "finetune"
 # per-epoch keys nnU-Net's logger fills only while it validates; pretraining epochs get NaN there
 _VAL_KEYS = ("val_losses", "mean_fg_dice", "ema_fg_dice")
+POOL_RECORD = "pretraining_pool.json"  # in the fold folder: the pool a pretraining read
 PREVIOUS_SUFFIX = ".previous"  # checkpoint_latest.pth -> checkpoint_latest.previous.pth, the one kept before it
 
 
@@ -311,6 +312,10 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
                 f"pretraining would leave them out. Fix: nnUNetv2_cl_add_unlabeled -d {name} -i FOLDER -p {plans} "
                 f"-c {self.configuration_name} with the folder you added them from (cases already there are kept).")
         members = list_pool(folder, data_identifier, self.fold)
+        if self.local_rank == 0:  # what the pretraining read, for the benchmark and for the user
+            os.makedirs(self.output_folder, exist_ok=True)
+            save_json_atomic({"cases": len(members), "ingested": len(ingested), "members": [i for _, i in members]},
+                             join(self.output_folder, POOL_RECORD))
         return shard(members) if shard_by_rank else members
 
     def augmenter(self, loader):
@@ -429,7 +434,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
     def on_epoch_end(self):
         terms = {k: self.logger.get_value(f"cl_{k}", step=-1) for k in ("total",) + tuple(self.loss_terms)}
         if not all(math.isnan(v) for v in terms.values()):
-            self.print_to_log_file("contrastive", {k: np.round(v, 4) for k, v in terms.items()})
+            # only the terms this stage has, as plain numbers
+            self.print_to_log_file("contrastive", {k: round(float(v), 4) for k, v in terms.items() if not math.isnan(v)})
         if self.stage() == FINETUNE:
             super().on_epoch_end()
         else:

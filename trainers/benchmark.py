@@ -37,9 +37,9 @@ SCHEDULES = {
         "pretrain": {
             # SimCLR's negatives are the other samples of the step: 8 samples (16 views), not the batch of 2
             "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 8, "pretrain_batch_size": 8},
-            # regions_per_step: the paper's 32, pinned so the tables stay what they measured
-            "nnUNetTrainerSepaRegPretrain": {"regions_per_step": 32, "region_epochs": 2, "k": 4, "expert_epochs": 1,
-                                             "distill_epochs": 2},
+            # the paper's 32 regions per step and k-means of every crop, pinned so the tables stay what they measured
+            "nnUNetTrainerSepaRegPretrain": {"regions_per_step": 32, "cluster_max_regions": None,
+                                             "region_epochs": 2, "k": 4, "expert_epochs": 1, "distill_epochs": 2},
             "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 8},
         },
     },
@@ -49,8 +49,8 @@ SCHEDULES = {
         "pretrain": {
             "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 6, "pretrain_batch_size": 8},
             # k = 2: 4 epochs instead of 6, since separation and k-means add a fixed cost the others do not have
-            "nnUNetTrainerSepaRegPretrain": {"regions_per_step": 32, "region_epochs": 1, "k": 2, "expert_epochs": 1,
-                                             "distill_epochs": 1},
+            "nnUNetTrainerSepaRegPretrain": {"regions_per_step": 32, "cluster_max_regions": None,
+                                             "region_epochs": 1, "k": 2, "expert_epochs": 1, "distill_epochs": 1},
             "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 6},
         },
     },
@@ -62,8 +62,8 @@ SCHEDULES = {
         "pretrain_iterations": 25,
         "pretrain": {
             "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 8, "pretrain_batch_size": 8},
-            "nnUNetTrainerSepaRegPretrain": {"regions_per_step": 32, "region_epochs": 2, "k": 4, "expert_epochs": 1,
-                                             "distill_epochs": 2},
+            "nnUNetTrainerSepaRegPretrain": {"regions_per_step": 32, "cluster_max_regions": None,
+                                             "region_epochs": 2, "k": 4, "expert_epochs": 1, "distill_epochs": 2},
             "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 8},
         },
     },

@@ -3,7 +3,8 @@
 nnU-Net's own `-num_gpus N` spawns its ranks itself and needs CUDA (NCCL). For CPU machines and clusters,
 torchrun starts the processes and this command joins them to a process group (gloo on CPU, NCCL on GPU):
 
-    torchrun --standalone --nproc_per_node 2 --no-python nnUNetv2_cl_train 4 3d_fullres 0 -tr nnUNetTrainerSimCLR -device cpu
+    torchrun --standalone --nproc_per_node 2 --no-python \\
+        nnUNetv2_cl_train 4 3d_fullres 0 -tr nnUNetTrainerSimCLR -device cpu
     torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --no-python \\
         nnUNetv2_cl_train 4 3d_fullres 0 -tr nnUNetTrainerSimCLR -device cuda
 

@@ -432,8 +432,8 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             self._restore(st.base)
             st.working = ("student", None)
             self.print_to_log_file(f"SepaReg: distilling {self.n_experts} frozen experts into the student "
-                                   f"(initialised from the base), {self.resolved_regions_per_step()} regions of one cluster per "
-                                   f"step, clusters {'balanced' if self.distill_balanced else 'by size'}")
+                                   f"(initialised from the base), {self.resolved_regions_per_step()} regions of one "
+                                   f"cluster per step, clusters {'balanced' if self.distill_balanced else 'by size'}")
 
     def _stash_expert(self):
         st = self.sepa
