@@ -534,8 +534,8 @@ class Bench:
 def _epoch_seconds(checkpoint: Path) -> float | None:
     """Sum of nnU-Net's logged epoch times (end - start) in a checkpoint: training only, no start-up/validation."""
     try:
-        import torch
-        log = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
+        from nnunet_cl.safe_load import load_checkpoint_file
+        log = load_checkpoint_file(str(checkpoint))["logging"]
         s, e = log["epoch_start_timestamps"], log["epoch_end_timestamps"]
         return round(float(sum(b - a for a, b in zip(s, e))), 1)
     except Exception:  # noqa: BLE001 - a missing number, not a reason to stop

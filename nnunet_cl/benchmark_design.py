@@ -16,9 +16,29 @@ CONFIG = "3d_fullres"
 BASE_PLANS = "nnUNetPlans"
 BENCH_PLANS = "nnUNetPlans_clBench"  # with --patch/--batch_size/--width: same preprocessed data, smaller training
 SCRATCH, CEILING = "scratch", "ceiling"
+# The arms table: one row per contrastive method, the only place a new method is named for the benchmark.
+# arm name -> (its pretraining-only trainer, {schedule: the attributes of its pretraining there}). Every method
+# gets the same number of pretraining steps in a schedule; trainers/benchmark.py makes '<trainer>_<schedule>'
+# (and the '<trainer>5x_<schedule>' arms) from these rows. SepaReg's epochs are its phases (region + k experts x
+# expert_epochs + distillation); its paper batch of 32 regions and k-means of every crop are pinned, so the
+# tables stay what they measured when those defaults changed.
+_SEPAREG_PINNED = {"regions_per_step": 32, "cluster_max_regions": None}
+METHODS = {
+    "simclr": ("nnUNetTrainerSimCLRPretrain", {
+        # SimCLR's negatives are the other samples of the step: 8 samples (16 views), not the batch of 2
+        "clBench": {"pretrain_epochs": 8, "pretrain_batch_size": 8},
+        "clBenchQuick": {"pretrain_epochs": 6, "pretrain_batch_size": 8},
+        "clBenchCT": {"pretrain_epochs": 8, "pretrain_batch_size": 8}}),
+    "separeg": ("nnUNetTrainerSepaRegPretrain", {
+        "clBench": {**_SEPAREG_PINNED, "region_epochs": 2, "k": 4, "expert_epochs": 1, "distill_epochs": 2},
+        # k = 2: 4 epochs instead of 6, since separation and k-means add a fixed cost the others do not have
+        "clBenchQuick": {**_SEPAREG_PINNED, "region_epochs": 1, "k": 2, "expert_epochs": 1, "distill_epochs": 1},
+        "clBenchCT": {**_SEPAREG_PINNED, "region_epochs": 2, "k": 4, "expert_epochs": 1, "distill_epochs": 2}}),
+    "polycl": ("nnUNetTrainerPolyCLPretrain", {
+        "clBench": {"pretrain_epochs": 8}, "clBenchQuick": {"pretrain_epochs": 6}, "clBenchCT": {"pretrain_epochs": 8}}),
+}
 # arm name -> pretraining trainer (its schedule class is '<trainer>_<schedule>'); None: no pretraining
-METHOD_ARMS = {"simclr": "nnUNetTrainerSimCLRPretrain", "separeg": "nnUNetTrainerSepaRegPretrain",
-               "polycl": "nnUNetTrainerPolyCLPretrain"}
+METHOD_ARMS = {arm: trainer for arm, (trainer, _) in METHODS.items()}
 DEFAULT_ARMS = [SCRATCH, *METHOD_ARMS, CEILING]
 # '<arm>5x': the same method with LONG_PRETRAIN times the pretraining steps (their classes are made in
 # trainers/benchmark.py from this constant); on request

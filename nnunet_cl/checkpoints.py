@@ -7,6 +7,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_cl.paths import NnUNetCLError, load_plans, preprocessed_folder
+from nnunet_cl.safe_load import load_checkpoint_file
 
 
 def stock_network(plans: dict, dataset_json: dict, configuration: str) -> torch.nn.Module:
@@ -56,7 +57,7 @@ def check_pretrained(checkpoint_file: str, dataset: str | int, configuration: st
     folder = preprocessed_folder(dataset)
     _, plans = load_plans(folder, plans_identifier, dataset)
     net = stock_network(plans, load_json(join(folder, "dataset.json")), configuration)
-    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint_file(checkpoint_file)  # refuses pickled code before anything runs
     return weight_mismatches(net.state_dict(), checkpoint.get("network_weights", checkpoint))
 
 

@@ -62,12 +62,15 @@ def find_sources(input_folder: str, num_channels: int = 1) -> tuple[list[dict], 
     0..num_channels-1 is there; anything else is one case per file (4D files carry their channels).
 
     Returns (sources, not_images) where not_images are {'name', 'reason'} for files that could not be
-    interpreted as images: `.dcm` files outside any readable series are reported, other files ignored.
+    interpreted as images: `.dcm` files outside any readable series and folders named like image files
+    (`x.nii.gz/`) that hold no DICOM series are reported, other files ignored.
     """
     input_folder = abspath(input_folder)
     sources, not_images = [], []
+    image_named_folders = []
     for folder, dirs, files in os.walk(input_folder):
         dirs.sort()
+        image_named_folders += [join(folder, d) for d in dirs if _is_image_file(d)]
         files = sorted(f for f in files if not f.startswith("."))
         rel_folder = relpath(folder, input_folder)
         image_files = [f for f in files if _is_image_file(f)]
@@ -119,6 +122,11 @@ def find_sources(input_folder: str, num_channels: int = 1) -> tuple[list[dict], 
                 "name": join(rel_folder, f) if rel_folder != "." else f,
                 "stem": stem, "kind": "file", "files": [abspath(join(folder, f))], "series_uid": None,
             })
+    for d in image_named_folders:  # e.g. an archive unpacked into a folder that kept the file's name
+        if not any(s["kind"] == "dicom" and s["key"].split("#")[0] == d for s in sources):
+            not_images.append({"name": relpath(d, input_folder) + os.sep,
+                               "reason": "unreadable: a folder named like an image file, holding no DICOM series. "
+                                         "Fix: rename it, or move the scan out of it"})
     return sources, not_images
 
 

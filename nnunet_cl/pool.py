@@ -37,6 +37,9 @@ from tqdm import tqdm
 
 from nnunet_cl.image_io import check_volume, find_sources, read_source
 from nnunet_cl.paths import NnUNetCLError, dataset_name, load_plans, require_env, save_json_atomic
+from nnunet_cl.pool_store import CASE_ENDINGS, broken_cases, remove_temporaries, save_case_atomic, source_from_entry
+from nnunet_cl.scan_checks import (ScanLimits, check_file, check_geometry, dicom_modality, modality_warning,
+                                   resampled_size_reason)
 from nnunet_cl.splits import preprocessed_identifiers, validation_cases
 
 POOL_FOLDER = "nnunet_cl_pool"
@@ -70,7 +73,7 @@ def _save_manifest(preprocessed_dataset_folder: str, manifest: dict) -> None:
 
 
 def _case_on_disk(folder: str, identifier: str) -> bool:
-    return all(isfile(join(folder, identifier + e)) for e in (".b2nd", "_seg.b2nd", ".pkl"))
+    return all(isfile(join(folder, identifier + e)) for e in CASE_ENDINGS)
 
 
 def pool_identifiers(preprocessed_dataset_folder: str, data_identifier: str,
@@ -148,10 +151,12 @@ def _unique_id(stem: str, taken: set) -> str:
 
 def resolve_configurations(plans_manager, preprocessed_dataset_folder: str,
                            configurations=None) -> dict[str, list[str]]:
-    """{data_identifier: [configuration names]} for the 3d configurations the pool is made for.
+    """{data_identifier: [configuration names]} for the configurations the pool is made for.
 
-    Default: every 3d configuration whose preprocessed folder is on disk, plus 3d_fullres if the plans have it.
-    Configurations sharing a data identifier (3d_cascade_fullres and 3d_fullres) are preprocessed once.
+    Default: every 3d configuration whose preprocessed folder is on disk, plus 3d_fullres if the plans have it;
+    a 2d configuration when named (-c 2d). It stores 3d volumes too (at its own spacing), as nnU-Net preprocesses its labeled cases;
+    its trainers take slices of them. Configurations sharing a data identifier (3d_cascade_fullres and
+    3d_fullres; the same configuration of nnUNetPlans and the ResEnc presets) are preprocessed once.
     """
     available = plans_manager.available_configurations
     if configurations:
@@ -160,17 +165,13 @@ def resolve_configurations(plans_manager, preprocessed_dataset_folder: str,
             raise NnUNetCLError(f"Configuration(s) {unknown} are not in the plans (available: {available}). "
                                 f"Fix: pick from those with -c.")
         chosen = list(configurations)
-        flat = [c for c in chosen if len(plans_manager.get_configuration(c).patch_size) != 3]
-        if flat:
-            raise NnUNetCLError(f"Configuration(s) {flat} are 2d; the pool holds 3d volumes for 3d configurations. "
-                                f"Fix: use -c 3d_fullres (or another 3d configuration).")
     else:
         chosen = [c for c in available if len(plans_manager.get_configuration(c).patch_size) == 3 and (
             c == "3d_fullres"
             or isdir(join(preprocessed_dataset_folder, plans_manager.get_configuration(c).data_identifier)))]
         if not chosen:
-            raise NnUNetCLError(f"The plans have no 3d configuration (available: {available}); the pool is for 3d "
-                                f"datasets. Fix: plan a 3d configuration or name one with -c.")
+            raise NnUNetCLError(f"The plans have no 3d configuration (available: {available}). Fix: name the "
+                                f"configuration to pretrain with -c (e.g. -c 2d).")
     out: dict[str, list[str]] = {}
     for c in chosen:
         out.setdefault(plans_manager.get_configuration(c).data_identifier, []).append(c)
@@ -178,26 +179,44 @@ def resolve_configurations(plans_manager, preprocessed_dataset_folder: str,
 
 
 def _process_source(source: dict, case_id: str, todo: dict[str, str], pool_folder: str, plans: dict,
-                    dataset_json: dict, num_channels: int) -> dict:
-    """Read, check and preprocess one source for the configurations in `todo` ({data_identifier: config}).
+                    dataset_json: dict, num_channels: int, limits: ScanLimits = ScanLimits()) -> dict:
+    """Check, read and preprocess one source for the configurations in `todo` ({data_identifier: config}).
 
-    Runs in worker processes, so it takes plain data and never raises: it returns {'ok': bool, ...}.
+    Runs in worker processes, so it takes plain data and never raises: it returns {'ok': bool, ...}, with
+    'reason' when not ok and 'warning' for a case added despite a doubt (modality mismatch).
     """
-    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     result = {"source": source, "case_id": case_id, "ok": False}
     plans_manager = PlansManager(plans)
+    if not source["files"]:
+        result["reason"] = "unreadable: no DICOM series found in the folder any more. Fix: restore the series"
+        return result
     try:
+        for f in source["files"] if source["kind"] != "dicom" else ():
+            reason = check_file(f)
+            if reason:
+                result["reason"] = reason
+                return result
         data, properties = read_source(source, plans_manager.image_reader_writer_class)
     except Exception as e:  # SimpleITK raises RuntimeError with a multi-line ITK trace; keep its gist
         msg = " ".join(str(e).split())
         msg = msg.split("sitk::ERROR:")[-1].strip()
         result["reason"] = f"unreadable: {msg[:300]}"
         return result
-    reason = check_volume(data, properties, num_channels)
+    reason = check_volume(data, properties, num_channels) or check_geometry(data.shape[1:], properties["spacing"],
+                                                                            limits)
+    for data_identifier, config in todo.items():  # before any work: a wrong header once asked for 36 GiB
+        cm = plans_manager.get_configuration(config)
+        reason = reason or resampled_size_reason(data.shape[1:], properties["spacing"], plans_manager.transpose_forward,
+                                                 cm.spacing, data.shape[0], limits, config)
     if reason:
         result["reason"] = reason
         return result
+    if source["kind"] == "dicom":
+        warning = modality_warning(dicom_modality(source["files"][0]), dataset_json.get("channel_names", {}))
+        if warning:
+            result["warning"] = warning
     result["shape"] = [int(s) for s in data.shape[1:]]
     result["spacing"] = [float(s) for s in properties["spacing"]]
     result["preprocessed"] = {}
@@ -216,8 +235,8 @@ def _process_source(source: dict, case_id: str, todo: dict[str, str], pool_folde
             blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch_size, seg.itemsize)
             out_folder = join(pool_folder, data_identifier)
             os.makedirs(out_folder, exist_ok=True)
-            nnUNetDatasetBlosc2.save_case(d, seg, props, join(out_folder, case_id), chunks=chunks, blocks=blocks,
-                                          chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+            save_case_atomic(d, seg, props, out_folder, case_id, chunks=chunks, blocks=blocks,
+                             chunks_seg=chunks_seg, blocks_seg=blocks_seg)
             result["preprocessed"][data_identifier] = {"shape": [int(s) for s in d.shape[1:]],
                                                        "spacing": [float(s) for s in configuration_manager.spacing]}
     except Exception as e:
@@ -241,7 +260,8 @@ def _load_plans_and_dataset_json(preprocessed_dataset_folder: str, plans_identif
 
 
 def add_unlabeled(dataset: str | int, input_folder: str, plans_identifier: str = "nnUNetPlans",
-                  configurations=None, num_processes: int = 1, verbose: bool = True) -> dict:
+                  configurations=None, num_processes: int = 1, verbose: bool = True,
+                  limits: ScanLimits = ScanLimits()) -> dict:
     """Ingest every volume below `input_folder` into the pool of `dataset`, preprocessed with its plans.
 
     Parameters
@@ -249,15 +269,23 @@ def add_unlabeled(dataset: str | int, input_folder: str, plans_identifier: str =
     dataset : name or id of a planned (nnUNetv2_plan_and_preprocess) dataset
     input_folder : NIfTI/NRRD/MHA/MHD files and/or DICOM series folders, searched recursively
     plans_identifier : plans to preprocess with (-p)
-    configurations : 3d configurations (-c); default: the 3d ones preprocessed on disk, plus 3d_fullres
+    configurations : configurations (-c); default: the 3d ones preprocessed on disk, plus 3d_fullres
     num_processes : worker processes (-np)
     verbose : print skipped files as they come and a progress bar
+    limits : spacing, field of view and memory bounds a scan must respect (nnunet_cl.scan_checks.ScanLimits)
 
     Returns a summary {'added': [case ids], 'updated': [ids that got a missing configuration],
-    'already_present': [ids], 'skipped': {file name: reason}, 'configurations': {data_identifier: [names]},
-    'pool_folder': path}. Sources already in pool.json (same absolute path) are not processed again; bad
-    files are skipped and reported, the rest goes on.
+    'repaired': [ids rebuilt from their source], 'already_present': [ids], 'skipped': {file name: reason},
+    'warnings': {file name: warning}, 'broken': {case id: problem}, 'configurations': {data_identifier:
+    [names]}, 'pool_folder': path}. Sources already in pool.json (same absolute path) are not processed
+    again; bad files are skipped and reported, the rest goes on. Every case in pool.json is checked first
+    (files readable, shape as recorded); a damaged one, e.g. from a killed run, is rebuilt from its source.
+    'broken' lists those that could not be rebuilt: the pool is whole when it is empty.
     """
+    if not (0 < limits.min_spacing <= limits.max_spacing and limits.max_extent_mm > 0 and limits.max_resampled_gib > 0):
+        raise NnUNetCLError(f"Invalid scan limits {limits}: spacings must satisfy 0 < min <= max, the extent and "
+                            f"memory limits must be positive. Fix: correct --min_spacing/--max_spacing/--max_extent/"
+                            f"--max_memory_gb.")
     require_env("nnUNet_raw")
     base = require_env("nnUNet_preprocessed")
     name = dataset_name(dataset)
@@ -281,20 +309,28 @@ def add_unlabeled(dataset: str | int, input_folder: str, plans_identifier: str =
 
     pool_folder = pool_root(folder)
     os.makedirs(pool_folder, exist_ok=True)
+    for di in targets:
+        remove_temporaries(join(pool_folder, di))
     manifest = load_manifest(folder)
     by_key = {v["source_key"] if "source_key" in v else v["source"]: k for k, v in manifest.items()}
     taken = set(manifest)
+    # cases pool.json lists but whose files are damaged (killed run, truncated copy): rebuilt from their source
+    broken = broken_cases(pool_folder, manifest, targets, num_channels)
 
-    summary = {"added": [], "updated": [], "already_present": [], "skipped": {}, "pool_folder": pool_folder,
-               "configurations": targets}
+    summary = {"added": [], "updated": [], "repaired": [], "already_present": [], "skipped": {}, "warnings": {},
+               "broken": {}, "pool_folder": pool_folder, "configurations": targets}
     for bad in not_images:
         summary["skipped"][bad["name"]] = bad["reason"]
-    tasks = []
+    tasks = [(source_from_entry(manifest[case_id], case_id), case_id, {di: targets[di][0] for di in problems})
+             for case_id, problems in sorted(broken.items())]
     for s in sources:
         if s["key"] in by_key:
             case_id = by_key[s["key"]]
+            if case_id in broken:
+                continue  # queued above
             missing = {di: cs[0] for di, cs in targets.items()
-                       if not _case_on_disk(join(pool_folder, di), case_id)}
+                       if di not in manifest[case_id].get("preprocessed", {})
+                       or not _case_on_disk(join(pool_folder, di), case_id)}
             if not missing:
                 summary["already_present"].append(case_id)
                 continue
@@ -306,9 +342,14 @@ def add_unlabeled(dataset: str | int, input_folder: str, plans_identifier: str =
         s, case_id = result["source"], result["case_id"]
         if not result["ok"]:
             summary["skipped"][s["name"]] = result["reason"]
+            if case_id in broken:
+                summary["broken"][case_id] = f"{'; '.join(broken[case_id].values())}; rebuilding failed: " \
+                                             f"{result['reason']}"
             if verbose:
                 tqdm.write(f"skipped {s['name']}: {result['reason']}")
             return
+        if result.get("warning"):
+            summary["warnings"][s["name"]] = result["warning"]
         entry = manifest.get(case_id)
         if entry is None:
             entry = {"source": s["key"].split("#")[0], "source_key": s["key"], "kind": s["kind"],
@@ -319,12 +360,12 @@ def add_unlabeled(dataset: str | int, input_folder: str, plans_identifier: str =
                 entry["series_uid"] = s["series_uid"]
             summary["added"].append(case_id)
         else:
-            summary["updated"].append(case_id)
+            summary["repaired" if case_id in broken else "updated"].append(case_id)
         entry["preprocessed"].update(result["preprocessed"])
         manifest[case_id] = entry
         _save_manifest(folder, manifest)  # after every case, so an interrupted run keeps what it finished
 
-    common = (pool_folder, plans, dataset_json, num_channels)
+    common = (pool_folder, plans, dataset_json, num_channels, limits)
     bar = tqdm(total=len(tasks), desc="Preprocessing unlabeled cases", disable=not verbose or not tasks)
     if num_processes <= 1 or len(tasks) <= 1:
         for s, case_id, todo in tasks:
@@ -343,7 +384,7 @@ def add_unlabeled(dataset: str | int, input_folder: str, plans_identifier: str =
                 "are kept in pool.json. Fix: run again with fewer processes (-np), it continues where it stopped.")
     bar.close()
 
-    if not summary["added"] and not summary["updated"] and not summary["already_present"]:
+    if not any(summary[k] for k in ("added", "updated", "repaired", "already_present")):
         reasons = "; ".join(f"{k}: {v}" for k, v in summary["skipped"].items())
         raise NnUNetCLError(f"Nothing readable in {input_folder}: every file was skipped ({reasons}). "
                             f"Fix: check the files, the dataset expects {num_channels} channel(s) of 3D images.")
@@ -351,40 +392,67 @@ def add_unlabeled(dataset: str | int, input_folder: str, plans_identifier: str =
 
 
 def format_summary(summary: dict) -> str:
-    """Human-readable report of add_unlabeled's summary."""
+    """Human-readable report of add_unlabeled's summary: counts, then one line per skipped or doubtful file."""
     lines = [f"Pool folder: {summary['pool_folder']}",
              f"Configurations: {', '.join(f'{c} ({di})' for di, cs in summary['configurations'].items() for c in cs)}",
              f"Added: {len(summary['added'])}" + (f" ({', '.join(summary['added'])})" if summary["added"] else "")]
     if summary["updated"]:
         lines.append(f"Completed with missing configurations: {len(summary['updated'])} "
                      f"({', '.join(summary['updated'])})")
+    if summary.get("repaired"):
+        lines.append(f"Rebuilt (damaged files in the pool): {len(summary['repaired'])} "
+                     f"({', '.join(summary['repaired'])})")
     lines.append(f"Already present: {len(summary['already_present'])}")
     lines.append(f"Skipped: {len(summary['skipped'])}")
     lines += [f"  {k}: {v}" for k, v in sorted(summary["skipped"].items())]
+    if summary.get("warnings"):
+        lines.append(f"Added with a warning: {len(summary['warnings'])}")
+        lines += [f"  {k}: {v}" for k, v in sorted(summary["warnings"].items())]
     return "\n".join(lines)
+
+
+def _pool_not_whole(summary: dict) -> str:
+    cases = "; ".join(f"{k}: {v}" for k, v in sorted(summary["broken"].items()))
+    return (f"the pool is not whole: {len(summary['broken'])} case(s) in pool.json have damaged files and could "
+            f"not be rebuilt ({cases}). Training would fail on them. Fix: restore their source files and run "
+            f"again, or delete their entries from {join(summary['pool_folder'], MANIFEST)}.")
 
 
 def main_add_unlabeled() -> None:
     """Entry point of nnUNetv2_cl_add_unlabeled."""
     from nnunetv2.configuration import default_num_processes
+    d = ScanLimits()
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_cl_add_unlabeled",
         description="Add unlabeled scans (NIfTI, NRRD, MHA/MHD, DICOM series folders) to a dataset's pretraining "
-                    "pool, preprocessed with the dataset's own plans. Re-running adds only new files.")
+                    "pool, preprocessed with the dataset's own plans. Re-running adds only new files and rebuilds "
+                    "damaged pool cases (e.g. after a killed run).")
     parser.add_argument("-d", required=True, help="dataset name or id (must be planned and preprocessed)")
     parser.add_argument("-i", required=True, help="folder with the scans (searched recursively)")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier. Default: nnUNetPlans")
     parser.add_argument("-c", nargs="+", default=None,
-                        help="3d configurations to preprocess for. Default: the 3d configurations already "
+                        help="configurations to preprocess for (2d too). Default: the 3d configurations already "
                              "preprocessed on disk, plus 3d_fullres")
     parser.add_argument("-np", type=int, default=default_num_processes,
                         help=f"number of processes. Default: {default_num_processes}")
+    parser.add_argument("--min_spacing", type=float, default=d.min_spacing,
+                        help=f"smallest accepted voxel spacing per axis, mm. Default: {d.min_spacing}")
+    parser.add_argument("--max_spacing", type=float, default=d.max_spacing,
+                        help=f"largest accepted voxel spacing per axis, mm. Default: {d.max_spacing}")
+    parser.add_argument("--max_extent", type=float, default=d.max_extent_mm,
+                        help=f"largest accepted field of view per axis, mm. Default: {d.max_extent_mm}")
+    parser.add_argument("--max_memory_gb", type=float, default=d.max_resampled_gib,
+                        help=f"largest float32 volume after resampling to a configuration's spacing, GiB. "
+                             f"Default: {d.max_resampled_gib}")
     args = parser.parse_args()
+    limits = ScanLimits(args.min_spacing, args.max_spacing, args.max_extent, args.max_memory_gb)
     try:
-        summary = add_unlabeled(args.d, args.i, args.p, args.c, args.np)
+        summary = add_unlabeled(args.d, args.i, args.p, args.c, args.np, limits=limits)
     except NnUNetCLError as e:
         raise SystemExit(f"nnUNetv2_cl_add_unlabeled: error: {e}")
     print(format_summary(summary))
+    if summary["broken"]:
+        raise SystemExit(f"nnUNetv2_cl_add_unlabeled: error: {_pool_not_whole(summary)}")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,10 @@ def write_limited_splits(preprocessed_dataset_folder: str, k: int | None = None,
         raise NnUNetCLError(f"k must be a positive integer, got {k}.")
     if fraction is not None and not 0 < fraction <= 1:
         raise NnUNetCLError(f"fraction must be in (0, 1], got {fraction}.")
+    if int(num_folds) != num_folds or num_folds < 2:
+        # scikit-learn's KFold would stop with a traceback; cross-validation needs two folds at least
+        raise NnUNetCLError(f"--folds must be an integer of at least 2 (cross-validation folds), got {num_folds}. "
+                            f"Fix: use --folds 5 (nnU-Net's default) or another number >= 2.")
     if not isdir(preprocessed_dataset_folder):
         raise NnUNetCLError(f"{preprocessed_dataset_folder} does not exist. "
                             f"Fix: run nnUNetv2_plan_and_preprocess for this dataset first.")

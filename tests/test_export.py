@@ -61,3 +61,69 @@ def test_non_stock_weights_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(NnUNetCLError, match="does not hold a stock nnU-Net network:\n  unexpected projector.w"):
         export_model(str(_model_folder(tmp_path, extra_key="projector.w")), str(out))
     assert not out.exists()
+
+
+def test_non_empty_output_is_refused_unless_overwrite(tmp_path):
+    model = _model_folder(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(NnUNetCLError, match=r"Output folder .*out is not empty.*Fix: .*--overwrite"):
+        export_model(str(model), str(out))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    export_model(str(model), str(out), folds=["0", "1"], overwrite=True)
+    # a second export of one fold replaces the first: fold_1 of the earlier export does not linger
+    export_model(str(model), str(out), folds=["0"], overwrite=True)
+    assert sorted(p.name for p in out.glob("fold_*")) == ["fold_0"]
+    assert (out / "notes.txt").read_text() == "mine"  # not ours, kept
+    with pytest.raises(NnUNetCLError, match="is the model folder itself"):
+        export_model(str(model), str(model), overwrite=True)
+    assert (model / "fold_1" / "checkpoint_final.pth").is_file()
+
+
+def test_printed_predict_command_names_folds_and_checkpoint(tmp_path, monkeypatch, capsys):
+    """The printed line is nnUNetv2_predict_from_modelfolder's own arguments: -f always, -chk when not final."""
+    import sys
+
+    from nnunet_cl.export import main_export
+    results = tmp_path / "results"
+    monkeypatch.setenv("nnUNet_results", str(results))
+    model = _model_folder(results / "Dataset997_Tiny")
+    for f in (0, 1):
+        (model / f"fold_{f}" / "checkpoint_final.pth").rename(model / f"fold_{f}" / "checkpoint_best.pth")
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["nnUNetv2_cl_export", "-d", "Dataset997_Tiny", "-tr", "nnUNetTrainerSimCLR",
+                                      "-c", "3d_fullres", "-chk", "checkpoint_best.pth", "-o", str(out)])
+    main_export()
+    lines = [ln.strip() for ln in capsys.readouterr().out.splitlines() if "predict_from_modelfolder" in ln]
+    assert lines == [f"nnUNetv2_predict_from_modelfolder -m {out} -i INPUT -o OUTPUT -f 0 1 -chk checkpoint_best.pth"]
+    # nnU-Net's own command initialises from exactly those arguments (prediction itself is stubbed out)
+    from nnunetv2.inference import predict_from_raw_data
+    seen = {}
+
+    def stop(self, *args, **kwargs):
+        seen.update(folds=self.list_of_parameters, trainer=self.trainer_name)
+        raise SystemExit(0)
+    monkeypatch.setattr(predict_from_raw_data.nnUNetPredictor, "predict_from_files", stop)
+    monkeypatch.setattr(sys, "argv", lines[0].split() + ["-device", "cpu"])
+    with pytest.raises(SystemExit):
+        predict_from_raw_data.predict_entry_point_modelfolder()
+    assert len(seen["folds"]) == 2 and seen["trainer"] == "nnUNetTrainer"
+    # exporting again into the same folder is refused on the command line, cleanly
+    with pytest.raises(SystemExit, match=r"^nnUNetv2_cl_export: error: Output folder .* is not empty"):
+        monkeypatch.setattr(sys, "argv", ["nnUNetv2_cl_export", "-d", "Dataset997_Tiny", "-tr",
+                                          "nnUNetTrainerSimCLR", "-c", "3d_fullres", "-o", str(out)])
+        main_export()
+
+
+def test_safetensors_round_trip(tmp_path):
+    from safetensors.torch import load_file
+    out = tmp_path / "out"
+    export_model(str(_model_folder(tmp_path)), str(out), safetensors=True)
+    for f in (0, 1):
+        pth = torch.load(out / f"fold_{f}" / "checkpoint_final.pth", weights_only=True)["network_weights"]
+        st = load_file(str(out / f"fold_{f}" / "checkpoint_final.safetensors"))
+        assert set(st) == set(pth) and all(torch.equal(st[k], pth[k]) and st[k].dtype == pth[k].dtype for k in pth)
+    # they load strictly into the stock network
+    from helpers import tiny_plans
+    stock_network(tiny_plans(), DATASET_JSON, "3d_fullres").load_state_dict(st, strict=True)

@@ -259,8 +259,12 @@ def test_new_configuration_completes_existing_cases(tiny, scans, ingested, tmp_p
                       verbose=False)
     assert sorted(s["updated"]) == sorted(GOOD.values()) and s["added"] == []
     assert len(pool_identifiers(str(folder), "nnUNetPlans_3d_coarse")) == len(GOOD) + 1
-    with pytest.raises(NnUNetCLError, match="2d"):
-        add_unlabeled(DATASET, str(scans), configurations=["2d"], verbose=False)
+    # a 2d configuration, when named, stores the 3d volumes at its own spacing, as nnU-Net does for its cases
+    s = add_unlabeled(DATASET, str(scans), configurations=["2d"], verbose=False)
+    flat_id = pm.get_configuration("2d").data_identifier
+    if flat_id != cm.data_identifier:
+        assert sorted(s["updated"]) == sorted(GOOD.values())
+    assert len(pool_identifiers(str(folder), flat_id)) == len(GOOD)
     with pytest.raises(NnUNetCLError, match="not in the plans"):
         add_unlabeled(DATASET, str(scans), configurations=["3d_nope"], verbose=False)
     # keep the module's pool as the other tests expect it

@@ -145,6 +145,17 @@ def test_cli(dataset, monkeypatch, capsys):
         main_limited_split()
 
 
+def test_fewer_than_two_folds_is_a_clear_error(dataset, monkeypatch):
+    """--folds 0 or 1 used to end in scikit-learn's KFold traceback; now it is a message with the fix."""
+    for folds in ("0", "1"):
+        monkeypatch.setattr(sys, "argv", ["nnUNetv2_cl_limited_split", "-d", "Dataset960_Split", "-k", "2",
+                                          "--folds", folds])
+        with pytest.raises(SystemExit, match=rf"^nnUNetv2_cl_limited_split: error: --folds must be an integer of at "
+                                             rf"least 2 .*got {folds}\. Fix: use --folds 5"):
+            main_limited_split()
+    assert not (dataset / "splits_final.json").exists()
+
+
 def test_load_plans_reads_them_or_says_how_to_make_them(tmp_path):
     from nnunet_cl.paths import NnUNetCLError, load_plans, save_json_atomic
     with pytest.raises(NnUNetCLError, match="nnUNetv2_plan_and_preprocess -d 7"):

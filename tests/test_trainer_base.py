@@ -304,3 +304,31 @@ def test_bad_settings_are_refused_at_set_up(make_trainer):
         make_trainer(cls=nnUNetTrainerPolyCL, strategy="X")
     with pytest.raises(trainer_base.NnUNetCLError, match="stage lengths must be >= 0"):
         make_trainer(finetune_epochs=-1)
+
+
+class _WithExtraOptimizer(nnUNetTrainerSimCLR):
+    """The projector gets an optimiser of its own (as a positive generator would)."""
+
+    def build_extra_optimizers(self):
+        return {"projector": torch.optim.SGD(self.cl_modules["projector"].parameters(), lr=0.1, momentum=0.9)}
+
+
+def test_an_extra_optimizer_steps_its_modules_and_round_trips(make_trainer, tmp_path):
+    torch.manual_seed(0)
+    trainer = make_trainer(cls=_WithExtraOptimizer)
+    main = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    extra = trainer.extra_optimizers["projector"]
+    assert not main & {id(p) for p in trainer.cl_modules["projector"].parameters()}  # left to its own optimiser
+    before = [p.detach().clone() for p in trainer.cl_modules["projector"].parameters()]
+    trainer.train_step(two_view_batch())
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.cl_modules["projector"].parameters()))
+    assert extra.state  # momentum buffers exist after the step
+    ckpt = str(tmp_path / "c.pth")
+    trainer.save_checkpoint(ckpt)
+    resumed = make_trainer(cls=_WithExtraOptimizer)
+    resumed.load_checkpoint(ckpt)
+    for a, b in zip(extra.state.values(), resumed.extra_optimizers["projector"].state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    batch = two_view_batch(seed=3)
+    assert float(resumed.train_step(batch)["loss"]) == pytest.approx(float(trainer.train_step(batch)["loss"]),
+                                                                     rel=1e-6)

@@ -23,6 +23,7 @@ Hooks (see docs/architecture.md):
   - auxiliary_losses(batch, output, features) -> {term: scalar}; features: the maps named by feature_request
   - on_after_step(batch, terms)   after the optimiser's step
   - build_optimizer(stage), build_scheduler(optimizer, stage): a method's own optimiser or schedule
+  - build_extra_optimizers()      -> {name: optimiser} for modules with an update of their own
   - cl_extra_state() / load_cl_extra_state(state) for queues or anything not in cl_modules
 """
 import math
@@ -128,6 +129,7 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         self._augmenters_built = 0  # each augmenter of a run draws from a stream of its own
         self.cl_modules: nn.ModuleDict | None = None
         self.train_modules: nn.Module | None = None  # TrainModules, DDP-wrapped in a distributed run
+        self.extra_optimizers: Dict[str, torch.optim.Optimizer] | None = None
         self._optimizer_stage = None
         self._pool_loader = None
         for term in ("total",) + tuple(self.loss_terms):
@@ -158,15 +160,23 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
 
     def build_optimizer(self, stage: str) -> torch.optim.Optimizer:
         """Hook: the optimiser of a stage. Fine-tuning: exactly nnU-Net's SGD (plus the extra modules of an
-        auxiliary-loss method); pretraining: AdamW over the network and the extra modules."""
+        auxiliary-loss method); pretraining: AdamW over the network and the extra modules. Parameters that an
+        extra optimiser (build_extra_optimizers) holds are left to it."""
+        own = {id(p) for opt in (self.extra_optimizers or {}).values() for g in opt.param_groups for p in g["params"]}
         if stage == FINETUNE:
             params = list(self.network.parameters())
             if self.has_auxiliary_loss:
-                params += list(self.cl_modules.parameters())
+                params += [p for p in self.cl_modules.parameters() if id(p) not in own]
             return torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
                                    nesterov=True)
-        params = list(self.network.parameters()) + list(self.cl_modules.parameters())
+        params = list(self.network.parameters()) + [p for p in self.cl_modules.parameters() if id(p) not in own]
         return torch.optim.AdamW(params, lr=self.pretrain_lr, weight_decay=self.pretrain_weight_decay)
+
+    def build_extra_optimizers(self) -> Dict[str, torch.optim.Optimizer]:
+        """Hook: optimisers of their own for extra modules (a positive generator, a second decoder), by name.
+        Built once with the extra modules; each steps after the main one in every step that trains the module
+        (its parameters have a gradient); all are saved in checkpoints and restored with --c."""
+        return {}
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer, stage: str):
         """Hook: the learning-rate schedule of a stage, stepped with the epoch within the stage. Default: poly."""
@@ -255,6 +265,7 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
     def _stage_optimizer(self, stage: str):
         if self.cl_modules is None:
             self.cl_modules = self.build_cl_modules().to(self.device)
+            self.extra_optimizers = self.build_extra_optimizers()
         self._optimizer_stage = stage
         optimizer = self.build_optimizer(stage)
         return optimizer, self.build_scheduler(optimizer, stage)
@@ -363,17 +374,19 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
 
     def _backward_and_step(self, loss: torch.Tensor):
         # the gradients are DDP's averages already: every parameter is inside the wrapped train_modules
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            self.optimizer.step()
+        scaler = self.grad_scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        # an extra optimiser steps when its modules took part in this step
+        optimizers = [self.optimizer] + [o for o in (self.extra_optimizers or {}).values()
+                                         if any(p.grad is not None for g in o.param_groups for p in g["params"])]
+        if scaler is not None:
+            for opt in optimizers:
+                scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_([p for opt in optimizers for g in opt.param_groups for p in g["params"]], 12)
+        for opt in optimizers:
+            scaler.step(opt) if scaler is not None else opt.step()
+        if scaler is not None:
+            scaler.update()
 
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
@@ -393,7 +406,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         batch = self.prepare_batch(batch)
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in [self.optimizer, *(self.extra_optimizers or {}).values()]:
+            opt.zero_grad(set_to_none=True)
         with self._autocast():
             loss, terms = self.train_modules(self.step_losses, batch)  # one forward through the wrapped module
         self._backward_and_step(loss)
@@ -484,6 +498,7 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             # ours; ignored by nnU-Net's predictor and by load_pretrained_weights
             "nnunet_cl": {"cl_modules": self.cl_modules.state_dict(), "extra": self.cl_extra_state(),
+                          "extra_optimizers": {k: o.state_dict() for k, o in (self.extra_optimizers or {}).items()},
                           "optimizer_stage": self._optimizer_stage},
         }
         tmp = filename + ".tmp"
@@ -519,6 +534,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         self.current_epoch = checkpoint["current_epoch"]
         if state is not None:
             self.cl_modules.load_state_dict(state["cl_modules"])
+            for name, opt_state in state.get("extra_optimizers", {}).items():
+                self.extra_optimizers[name].load_state_dict(opt_state)
             self.load_cl_extra_state(state["extra"])
         self.my_init_kwargs = checkpoint["init_args"]
         self.logger.load_checkpoint(checkpoint["logging"])

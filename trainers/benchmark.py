@@ -15,59 +15,27 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import nnUNetTrainerDiceCELoss_noSmooth
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-from nnunet_cl.benchmark_design import LONG_PRETRAIN
+from nnunet_cl.benchmark_design import LONG_PRETRAIN, METHODS
 from nnunet_cl_trainers.base import attribute_variant
 from nnunet_cl_trainers.finetune import FinetuneRecipe
-from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCLPretrain
 from nnunet_cl_trainers.seeding import seed_everything, seeded_augmenters
-from nnunet_cl_trainers.separeg import nnUNetTrainerSepaRegPretrain
-from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLRPretrain
 
 # Sized for a 2-core CPU on MSD Hippocampus with the benchmark's plans variant (patch 40x56x40, batch 2, features
 # 16-128); the arithmetic is in docs/benchmarks.md. Per schedule:
 #   finetune: (epochs, iterations per epoch, validation iterations per epoch)
 #   pretrain_iterations: iterations per pretraining epoch, every method
-#   pretrain: {pretraining trainer: attributes}; the same number of epochs for each method. SepaReg's epochs
-#             are its phases: region + k experts x expert_epochs + distillation.
+#   pretrain: {pretraining trainer: attributes}, from the arms table (nnunet_cl.benchmark_design.METHODS)
 SCHEDULES = {
-    "clBench": {
-        # 1000 steps: with 250 (the first version) scratch nnU-Net still predicted only background at k = 5 and 10
-        "finetune": (40, 25, 3),
-        "pretrain_iterations": 25,
-        "pretrain": {
-            # SimCLR's negatives are the other samples of the step: 8 samples (16 views), not the batch of 2
-            "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 8, "pretrain_batch_size": 8},
-            # the paper's 32 regions per step and k-means of every crop, pinned so the tables stay what they measured
-            "nnUNetTrainerSepaRegPretrain": {"regions_per_step": 32, "cluster_max_regions": None,
-                                             "region_epochs": 2, "k": 4, "expert_epochs": 1, "distill_epochs": 2},
-            "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 8},
-        },
-    },
-    "clBenchQuick": {
-        "finetune": (16, 25, 2),  # 400 steps
-        "pretrain_iterations": 10,
-        "pretrain": {
-            "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 6, "pretrain_batch_size": 8},
-            # k = 2: 4 epochs instead of 6, since separation and k-means add a fixed cost the others do not have
-            "nnUNetTrainerSepaRegPretrain": {"regions_per_step": 32, "cluster_max_regions": None,
-                                             "region_epochs": 1, "k": 2, "expert_epochs": 1, "distill_epochs": 1},
-            "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 6},
-        },
-    },
+    # 1000 steps: with 250 (the first version) scratch nnU-Net still predicted only background at k = 5 and 10
+    "clBench": {"finetune": (40, 25, 3), "pretrain_iterations": 25},
+    "clBenchQuick": {"finetune": (16, 25, 2), "pretrain_iterations": 10},  # 400 steps
     # OpenKBP-sized CT (docs/benchmarks.md "OpenKBP"): 2x spacing, patch 32x48x32, the 4-stage network nnU-Net
-    # plans for it (--spacing_factor 2 --patch 32 48 32 --plan_network)
-    "clBenchCT": {
-        # 4000 steps (with the noSmooth loss below, scratch at k = 5 leaves background only near the end of them)
-        "finetune": (160, 25, 2),
-        "pretrain_iterations": 25,
-        "pretrain": {
-            "nnUNetTrainerSimCLRPretrain": {"pretrain_epochs": 8, "pretrain_batch_size": 8},
-            "nnUNetTrainerSepaRegPretrain": {"regions_per_step": 32, "cluster_max_regions": None,
-                                             "region_epochs": 2, "k": 4, "expert_epochs": 1, "distill_epochs": 2},
-            "nnUNetTrainerPolyCLPretrain": {"pretrain_epochs": 8},
-        },
-    },
+    # plans for it (--spacing_factor 2 --patch 32 48 32 --plan_network); 4000 steps (with the noSmooth loss
+    # below, scratch at k = 5 leaves background only near the end of them)
+    "clBenchCT": {"finetune": (160, 25, 2), "pretrain_iterations": 25},
 }
+for _name, _schedule in SCHEDULES.items():  # {pretraining trainer: attributes}, from the arms table
+    _schedule["pretrain"] = {trainer: stages[_name] for trainer, stages in METHODS.values()}
 
 
 # Every pretraining of the benchmark starts from this seed (fine-tuning runs: their fold). Pretrainings are shared
@@ -197,9 +165,7 @@ def _define(base: type) -> None:
             globals()[cls.__name__] = cls
 
 
-for _base in (nnUNetTrainerSimCLRPretrain, nnUNetTrainerSepaRegPretrain, nnUNetTrainerPolyCLPretrain):
-    _define(_base)
+import nnunet_cl_trainers as _package  # noqa: E402  (every method's trainers are imported before this module)
 
-# only the classes defined here: re-exporting nnUNetTrainer itself would confuse nnU-Net's name checks
-__all__ = sorted(n for n, o in list(globals().items())
-                 if n.startswith("nnUNetTrainer") and getattr(o, "__module__", None) == __name__)
+for _trainer, _ in METHODS.values():
+    _define(getattr(_package, _trainer))

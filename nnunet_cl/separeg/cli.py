@@ -47,8 +47,8 @@ def _cases(folder: str, data_identifier: str) -> list[tuple[str, str]]:
 
 def _clusters_from_checkpoint(path: str, case_id: str):
     """(separation parameters, {region id: cluster} for case_id or None, message) from a SepaReg checkpoint."""
-    import torch
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    from nnunet_cl.safe_load import load_checkpoint_file
+    ckpt = load_checkpoint_file(path)
     extra = (ckpt.get("nnunet_cl") or {}).get("extra") or {}
     if "separation" not in extra:
         raise NnUNetCLError(f"{path} is not a SepaReg checkpoint (no separation parameters in its 'nnunet_cl' "
