@@ -37,6 +37,7 @@ from nnunet_cl.benchmark_design import (BASE_PLANS, BENCH_PLANS, CEILING, CONFIG
                                         needs_preprocessing, parse_arms, plan_runs, run_id, split_cases,
                                         splits_from_folds, write_bench_plans)
 from nnunet_cl.ext_path import ext_trainer_path
+from nnunet_cl.pool import POOL_RECORD
 from nnunet_cl.paths import is_msd_dataset_json, save_json_atomic
 
 DEFAULT_ID = 950
@@ -423,12 +424,12 @@ class Bench:
             self.failures.append(f"pretrain {arm}: {str(e).splitlines()[0]}")
             self.say(f"FAILED pretraining of {arm}; its runs are left out. {e}")
             return None
-        pool = re.findall(r"pool: (\d+) cases", out)  # "Pretraining pool: N cases", "SepaReg pool: N cases"
+        pool = _pool_cases(folder)
         # wall time only when this invocation ran all of it; otherwise the report uses nnU-Net's epoch times
         save_json_atomic({"arm": arm, "trainer": trainer, "checkpoint": str(ckpt),
                     "wall_s": round(took, 1) if took and not resumed else None,
                     "cpu_s": self.last_cpu if took else None,
-                    "epochs_s": _epoch_seconds(ckpt), "pool_cases": int(pool[-1]) if pool else None,
+                    "epochs_s": _epoch_seconds(ckpt), "pool_cases": pool,
                     "resumed": resumed, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, record_file)
         self.state.setdefault("pretrained", {})[arm] = str(ckpt)
         self.save_state()
@@ -530,6 +531,14 @@ class Bench:
 
 # ------------------------------------------------------------------------------------------------------------
 # helpers
+
+def _pool_cases(fold_folder: Path) -> int | None:
+    """The number of pool cases a pretraining read, from the record its trainer wrote (None: no record)."""
+    try:
+        return int(json.loads((Path(fold_folder) / POOL_RECORD).read_text())["cases"])
+    except (OSError, ValueError, KeyError):
+        return None
+
 
 def _epoch_seconds(checkpoint: Path) -> float | None:
     """Sum of nnU-Net's logged epoch times (end - start) in a checkpoint: training only, no start-up/validation."""

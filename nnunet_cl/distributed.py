@@ -63,6 +63,11 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return x
+    sizes = [None] * world_size()
+    dist.all_gather_object(sizes, tuple(x.shape))
+    if len(set(sizes)) > 1:
+        raise RuntimeError(f"gather_with_grad: the ranks hold tensors of different shapes {sizes}. Fix: give every "
+                           f"rank the same number of samples (a global batch divisible by the number of processes).")
     return torch.cat(_AllGatherWithGrad.apply(x), dim=0)
 
 

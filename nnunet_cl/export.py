@@ -33,6 +33,11 @@ def export_model(model_folder: str, output_folder: str, checkpoint_names=("check
     if os.path.realpath(output_folder) == os.path.realpath(model_folder):
         raise NnUNetCLError(f"Output folder {output_folder} is the model folder itself. Fix: export to a "
                             f"separate folder with -o.")
+    if overwrite and isdir(output_folder) and os.listdir(output_folder) and \
+            not isfile(join(output_folder, "nnunet_cl_export.json")):
+        raise NnUNetCLError(f"Output folder {output_folder} is not empty and holds no earlier export "
+                            f"(nnunet_cl_export.json), so --overwrite would delete folders that are not ours (e.g. "
+                            f"a trained model's fold_* checkpoints). Fix: choose an empty or new -o.")
     if not isdir(model_folder):
         raise NnUNetCLError(f"Model folder {model_folder} does not exist. Fix: train it first, or check -tr/-p/-c.")
     missing = [f for f in _MODEL_FILES if not isfile(join(model_folder, f))]

@@ -44,6 +44,7 @@ from nnunet_cl.splits import preprocessed_identifiers, validation_cases
 
 POOL_FOLDER = "nnunet_cl_pool"
 MANIFEST = "pool.json"
+POOL_RECORD = "pretraining_pool.json"  # written by a pretraining into its fold folder: the pool it read
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,6 +212,8 @@ def test_the_pool_is_used_or_refused_with_the_fix(real_env, name, plans, configu
                            "pool.json").read_text())
         n_labeled = len(trainer.do_split()[0])  # labeled images outside validation are pool images too
         assert f"pool: {len(pool) + n_labeled} cases" in out, out[-2000:]
+        record = json.loads((Path(trainer.output_folder) / "pretraining_pool.json").read_text())
+        assert record["cases"] == len(record["members"]) == len(pool) + n_labeled  # what the benchmark reads
         assert math.isfinite(float(trainer.train_step(next(trainer.dataloader_train))["loss"]))
     finally:
         trainer._stop_pool_loader()

@@ -70,15 +70,24 @@ def test_non_empty_output_is_refused_unless_overwrite(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(NnUNetCLError, match=r"Output folder .*out is not empty.*Fix: .*--overwrite"):
         export_model(str(model), str(out))
+    # --overwrite replaces an earlier export only: a folder that holds none is refused, nothing deleted
+    with pytest.raises(NnUNetCLError, match="holds no earlier export.*Fix: choose an empty or new -o"):
+        export_model(str(model), str(out), overwrite=True)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    export_model(str(model), str(out), folds=["0", "1"], overwrite=True)
+    (out / "notes.txt").unlink()
+    export_model(str(model), str(out), folds=["0", "1"])
+    (out / "notes.txt").write_text("mine")
     # a second export of one fold replaces the first: fold_1 of the earlier export does not linger
     export_model(str(model), str(out), folds=["0"], overwrite=True)
     assert sorted(p.name for p in out.glob("fold_*")) == ["fold_0"]
     assert (out / "notes.txt").read_text() == "mine"  # not ours, kept
     with pytest.raises(NnUNetCLError, match="is the model folder itself"):
         export_model(str(model), str(model), overwrite=True)
+    other = _model_folder(tmp_path / "another")  # a trained model folder as -o: its checkpoints are not ours
+    with pytest.raises(NnUNetCLError, match="holds no earlier export"):
+        export_model(str(model), str(other), overwrite=True)
     assert (model / "fold_1" / "checkpoint_final.pth").is_file()
+    assert (other / "fold_1" / "checkpoint_final.pth").is_file()
 
 
 def test_printed_predict_command_names_folds_and_checkpoint(tmp_path, monkeypatch, capsys):

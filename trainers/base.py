@@ -53,14 +53,13 @@ from nnunet_cl.paths import NnUNetCLError, save_json_atomic
 from nnunet_cl.processes import end_children_with_parent, exit_on_sigterm
 from nnunet_cl.safe_load import CorruptCheckpointError, load_checkpoint_file
 from nnunet_cl.plotting import plot_loss_terms
-from nnunet_cl.pool import list_pool, load_manifest, pool_identifiers
+from nnunet_cl.pool import POOL_RECORD, list_pool, load_manifest, pool_identifiers
 from nnunet_cl_trainers.pool_data import PoolDataset, TwoViewDataLoader
 from nnunet_cl_trainers.seeding import augmenter_seed, seed_everything, seeded_augmenters
 
 PRETRAIN, FINETUNE = "pretrain", "finetune"
 # per-epoch keys nnU-Net's logger fills only while it validates; pretraining epochs get NaN there
 _VAL_KEYS = ("val_losses", "mean_fg_dice", "ema_fg_dice")
-POOL_RECORD = "pretraining_pool.json"  # in the fold folder: the pool a pretraining read
 PREVIOUS_SUFFIX = ".previous"  # checkpoint_latest.pth -> checkpoint_latest.previous.pth, the one kept before it
 
 
@@ -89,11 +88,11 @@ class RankNetwork(nn.Module):
     def forward(self, x):
         return self.module(x)
 
-    def state_dict(self, *args, **kwargs):
-        return self.module.state_dict(*args, **kwargs)
+    def state_dict(self, *args, **kwargs):  # the stock network's keys, also when nnU-Net compiled it
+        return getattr(self.module, "_orig_mod", self.module).state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self.module.load_state_dict(state_dict, strict, assign)
+        return getattr(self.module, "_orig_mod", self.module).load_state_dict(state_dict, strict, assign)
 
 
 class nnUNetTrainerCLBase(nnUNetTrainer):
@@ -271,7 +270,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         return optimizer, self.build_scheduler(optimizer, stage)
 
     def pretrain_batch_per_rank(self, global_batch: int) -> int:
-        """Samples each rank takes of a pretraining batch of `global_batch` (nnU-Net splits its batch alike)."""
+        """Samples each rank takes of a pretraining batch of `global_batch`: the same on every rank (the losses
+        gather equal shares), so a global batch that W does not divide is rounded up to a multiple of W."""
         w = dist.get_world_size() if self.is_ddp else 1
         return max(1, int(np.ceil(global_batch / w)))
 
@@ -297,10 +297,10 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
             foreground_labels=self.label_manager.foreground_labels, regions=None,
             ignore_label=self.label_manager.ignore_label)
-        # pretrain_batch_size is the global batch; by default each rank takes half of its nnU-Net batch (already
-        # split over the ranks) as samples, so that with two views a step holds the images the plans sized it for
-        batch_size = self.pretrain_batch_per_rank(self.pretrain_batch_size) if self.pretrain_batch_size \
-            else max(2, self.batch_size // 2)
+        # pretrain_batch_size is the global batch of samples (two views each); by default half the plans' batch, so
+        # that a step holds the images the plans sized it for. Every rank takes the same share (the gathers need it)
+        batch_size = self.pretrain_batch_per_rank(self.pretrain_batch_size or
+                                                  max(2, int(self.configuration_manager.batch_size) // 2))
         loader = TwoViewDataLoader(PoolDataset(members), batch_size, initial_patch_size,
                                    self.configuration_manager.patch_size, self.label_manager,
                                    oversample_foreground_percent=0.0, transforms=transforms)
@@ -504,7 +504,7 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         tmp = filename + ".tmp"
         torch.save(checkpoint, tmp)
         if basename(filename) == "checkpoint_latest.pth" and isfile(filename):
-            os.replace(filename, previous_checkpoint(filename))  # kept: --c falls back to it if latest breaks
+            keep_previous(filename)  # --c falls back to it if latest breaks
         os.replace(tmp, filename)  # a crash mid-write never leaves a broken checkpoint behind
 
     def read_checkpoint(self, filename: str) -> dict:
@@ -561,6 +561,21 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
                 f"-pretrained_weights {join(self.output_folder, 'checkpoint_final.pth')}")
             return
         super().perform_actual_validation(save_probabilities)
+
+
+def keep_previous(filename: str) -> None:
+    """Make `filename`'s current content its previous checkpoint, while `filename` itself stays in place (so a
+    kill at any moment leaves a checkpoint_latest.pth for nnU-Net's --c): a hard link, or a copy where the file
+    system has none, renamed into place."""
+    import shutil
+    staged = previous_checkpoint(filename) + ".tmp"
+    if os.path.exists(staged):
+        os.remove(staged)
+    try:
+        os.link(filename, staged)
+    except OSError:
+        shutil.copy2(filename, staged)
+    os.replace(staged, previous_checkpoint(filename))
 
 
 def previous_checkpoint(filename: str) -> str:

@@ -15,6 +15,7 @@ import argparse
 import multiprocessing
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ import torch.distributed as dist
 from nnunet_cl.checkpoints import weight_mismatches
 from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.safe_load import load_checkpoint_file
+
+
+DIST_TIMEOUT_H = 4  # torch's default is 10 min (NCCL) / 30 min (gloo)
 
 
 def load_pretrained_weights_safely(network: torch.nn.Module, fname: str) -> None:
@@ -76,7 +80,8 @@ def main(argv=None) -> None:
     if world > 1:
         if args.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        # long work of rank 0 (SepaReg's separation of a large pool) must not time out the others' wait
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timedelta(hours=DIST_TIMEOUT_H))
     if args.device == "cpu":  # the machine's cores shared by the processes on it
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, multiprocessing.cpu_count() // per_node))

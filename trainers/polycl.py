@@ -19,7 +19,7 @@ from nnunetv2.configuration import ANISO_THRESHOLD
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from torch import nn
 
-from nnunet_cl.distributed import broadcast_objects, gather_with_grad, rank
+from nnunet_cl.distributed import broadcast_objects, gather_with_grad, rank, shard
 from nnunet_cl.heads import pooled_embedding, pooled_projection_heads
 from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, polycl_triplet_loss
@@ -139,10 +139,13 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
 
     def get_pretrain_dataloader(self):
         self.check_settings()
-        members = self.pool_members(shard_by_rank=True)
-        if len(members) < 2:
-            raise NnUNetCLError(f"The pool has {len(members)} case(s); PolyCL needs >= 2 scans (negatives come from "
-                                f"other scans). Fix: nnUNetv2_cl_add_unlabeled -d DATASET -i FOLDER.")
+        members = self.pool_members(shard_by_rank=False)
+        w = dist.get_world_size() if self.is_ddp else 1
+        if len(members) < 2 * w:  # checked on the whole pool, so every rank stops alike
+            raise NnUNetCLError(f"The pool has {len(members)} case(s); PolyCL needs >= 2 scans per process "
+                                f"({w} process(es): negatives come from other scans). Fix: nnUNetv2_cl_add_unlabeled "
+                                f"-d DATASET -i FOLDER, or fewer processes.")
+        members = shard(members)
         # organ presence only from the cases nnU-Net itself trains this fold on
         train_keys, _ = self.do_split()
         known = [(self.preprocessed_dataset_folder, k) for k in train_keys]

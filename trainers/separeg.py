@@ -151,6 +151,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
         self.seed = None  # region batches and distillation blocks; None: training_seed, or 0 without one
         self.sepa = _SepaRegState()
         self._rng = None  # made at the first batch, once the seed attributes are final
+        self._block_rng = None
 
     # ------------------------------------------------------------------------------------------ schedule
     @property
@@ -551,6 +552,14 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             self._rng = np.random.default_rng(augmenter_seed(seed, 0, 0, self.current_epoch, self.local_rank))
         return self._rng
 
+    @property
+    def block_rng(self) -> np.random.Generator:
+        """The distillation blocks' stream in a distributed run: the same on every rank."""
+        if self._block_rng is None:
+            seed = self.seed if self.seed is not None else (self.training_seed or 0)
+            self._block_rng = np.random.default_rng(augmenter_seed(seed, 0, 1, self.current_epoch, 0))
+        return self._block_rng
+
     def next_region_batch(self) -> dict:
         st = self.sepa
         n, b = len(st.regions), self.regions_per_rank
@@ -563,12 +572,16 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
             members = np.flatnonzero(st.assignments == expert)
             idx = self.region_rng.choice(members, size=b, replace=members.size < b)
         elif phase == DISTILL:
+            w = dist.get_world_size() if self.is_ddp else 1
             idx = next(st.blocks, None) if st.blocks is not None else None
             if idx is None:  # a new pass of blocks, one cluster each
-                st.blocks = expert_blocks(st.assignments, b, self.region_rng,
+                # distributed: every rank draws the same global blocks and takes its share of each, so all ranks
+                # distil the same expert in a step
+                st.blocks = expert_blocks(st.assignments, b * w, self.region_rng if w == 1 else self.block_rng,
                                           blocks_per_cluster=self._blocks_per_cluster())
                 idx = next(st.blocks)
             expert = int(st.assignments[idx[0]])
+            idx = idx[self.local_rank::w]
         else:
             raise RuntimeError(f"no region batches in phase {phase}")
         idx = np.sort(idx)
