@@ -145,6 +145,18 @@ def measure_scaling(args) -> dict:
     return out
 
 
+def measure_clustering(args) -> dict:
+    """SepaReg's clustering pass with the default bound: embed cluster_max_regions crops, k-means."""
+    tr = make_trainer("nnUNetTrainerSepaReg", args.d, args.c, args.p)
+    s, n = tr.crop_size, tr.cluster_max_regions
+    tr.set_regions(np.random.default_rng(0).integers(0, 255, (n, 1, s, s, s), dtype=np.uint8), ["random"])
+    t0 = time.perf_counter()
+    tr.cluster_regions()
+    seconds = time.perf_counter() - t0
+    steps = tr.pretrain_epochs * tr.pretrain_iterations_per_epoch
+    return {"crops": n, "seconds": seconds, "pretrain_steps": steps}
+
+
 def load_average() -> str:
     return " ".join(open("/proc/loadavg").read().split()[:3])
 
@@ -167,6 +179,7 @@ def main():
     steps = time_steps(args)
     memory = measure_memory(args)
     scaling = measure_scaling(args)
+    clustering = measure_clustering(args)
     base = statistics.median(steps["times"]["nnUNetTrainer"])
     mem_base = statistics.median(memory["nnUNetTrainer"])
     rows = []
@@ -179,6 +192,8 @@ def main():
                     f"{statistics.median(t) / base:.2f} | {statistics.median(m):.0f} ({min(m):.0f}–{max(m):.0f}) | "
                     f"{statistics.median(m) / mem_base:.2f} |")
     t1, t2 = (statistics.median(scaling[w]) for w in (1, 2))
+    region_step = statistics.median(steps["times"]["SepaReg pretrain (region)"])
+    pretrain_s = clustering["pretrain_steps"] * region_step
     report = "\n".join([
         f"Machinery cost on dataset {args.d} {args.c} ({args.p}), CPU ({os.cpu_count()} cores), "
         f"{time.strftime('%Y-%m-%d')}; load average before {load_before}, after {load_average()}; "
@@ -191,6 +206,10 @@ def main():
         "", "| processes | threads each | ms / step | samples / s | scaling efficiency |", "|---|---|---|---|---|",
         f"| 1 | {os.cpu_count()} | {t1 * 1000:.0f} | {args.ddp_batch / t1:.2f} | 1.00 |",
         f"| 2 | {max(1, os.cpu_count() // 2)} | {t2 * 1000:.0f} | {args.ddp_batch / t2:.2f} | {t1 / t2:.2f} |", "",
+        f"SepaReg's clustering pass at the default bound (cluster_max_regions = {clustering['crops']} crops embedded, "
+        f"then k-means): {clustering['seconds']:.0f} s, against {pretrain_s / 3600:.1f} h for the default "
+        f"pretraining ({clustering['pretrain_steps']} steps at the region step above): "
+        f"{100 * clustering['seconds'] / pretrain_s:.2f} %.", "",
         f"Command: python benchmarks/machinery_cost.py -d {args.d} -c {args.c} -p {args.p} --steps {args.steps} "
         f"--mem_repeats {args.mem_repeats} --ddp_batch {args.ddp_batch}"])
     write_report(report, args.out)

@@ -7,7 +7,11 @@ the extension; the exported model predicts identically with stock nnU-Net (exten
 nnUNet_extTrainer path, as a user's own variants would).
 """
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -198,3 +202,55 @@ class _WritesAFile:
     def __reduce__(self):
         import pathlib
         return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def _children(pid: int) -> set[int]:
+    """Every live descendant of pid (from /proc)."""
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = {int(c) for c in f.read().split()}
+                todo += list(kids - found)
+                found |= kids
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads child processes from /proc (Linux)")
+def test_no_worker_of_a_training_run_outlives_its_sigterm(hippo, staged_run, tmp_path):
+    """A real `nnUNetv2_train` with 2 augmentation workers, ended by SIGTERM while it pretrains."""
+    env = dict(hippo["env"], nnUNet_n_proc_DA="2")
+    log = open(tmp_path / "train.log", "w")
+    proc = subprocess.Popen(["nnUNetv2_train", "905", "3d_fullres", "2", "-tr", TRAINER, "-device", "cpu"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and "Epoch 0 " not in (tmp_path / "train.log").read_text():
+            time.sleep(0.5)
+        time.sleep(3)  # the workers of the pool loader are up
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, (tmp_path / "train.log").read_text()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.time() + 15
+        while time.time() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.2)
+        assert not [p for p in workers if _alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in _children(proc.pid):
+            os.kill(p, signal.SIGKILL)
+        log.close()
