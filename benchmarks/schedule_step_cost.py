@@ -70,7 +70,7 @@ def main():
     os.environ["nnUNet_preprocessed"] = str(work / "nnUNet_preprocessed")
     os.environ.setdefault("nnUNet_raw", str(work / "nnUNet_raw"))
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="nnunet_cl_stepcost_")  # trainers make output folders
-    from nnunet_cl.benchmark_design import BENCH_PLANS
+    from nnunet_cl.bench.design import BENCH_PLANS
     from nnunet_cl.paths import preprocessed_folder
     from nnunet_cl_trainers import benchmark as bench
     from polycl_cost import polycl_batch

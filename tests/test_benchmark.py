@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from nnunet_cl.safe_load import load_checkpoint_file
-from nnunet_cl.benchmark_design import (BenchmarkError, PRETRAIN_FOLD, build_folds, parse_arms, split_cases,
+from nnunet_cl.bench.design import (BenchmarkError, PRETRAIN_FOLD, build_folds, parse_arms, split_cases,
                                         splits_from_folds)
-from nnunet_cl.benchmark_report import write_report
+from nnunet_cl.bench.report import write_report
 
 TESTS = Path(__file__).resolve().parent
 CASES = [f"case_{i:03d}" for i in range(30)]
@@ -62,7 +62,7 @@ def test_complete_cases_hold_the_test_set_and_the_labeled_draws():
 def test_complete_cases_are_read_from_the_label_maps(tmp_path):
     import numpy as np
     import SimpleITK as sitk
-    from nnunet_cl.benchmark_design import complete_cases
+    from nnunet_cl.bench.design import complete_cases
     for case, present in (("a", [1, 2, 3]), ("b", [1, 3]), ("c", [3, 2, 1, 0]), ("d", [])):
         seg = np.zeros((4, 4, 4), np.uint8)
         for i, c in enumerate(present):
@@ -109,7 +109,7 @@ def test_folds_grow_without_moving_old_ones():
 
 
 def test_run_plan_seed_major_and_quick_leaves_out_the_ceiling():
-    from nnunet_cl.benchmark_design import DEFAULT_ARMS, QUICK_ARMS, plan_runs
+    from nnunet_cl.bench.design import DEFAULT_ARMS, QUICK_ARMS, plan_runs
     s = split_cases(CASES, 6, 4, 0)
     folds = build_folds(s["train"], s["val"], ks=[2, 5], seeds=[0, 1])
     arms = parse_arms(DEFAULT_ARMS)
@@ -143,7 +143,7 @@ def test_ct_schedule_fine_tunes_without_dice_smoothing():
 
 def test_step_size_must_be_a_fraction_of_the_patch():
     import argparse
-    from nnunet_cl.benchmark import _step_size
+    from nnunet_cl.bench.runner import _step_size
     assert _step_size("1") == 1.0 and _step_size("0.5") == 0.5
     for bad in ("0", "1.5", "-0.5"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"\(0, 1\]"):
@@ -152,7 +152,7 @@ def test_step_size_must_be_a_fraction_of_the_patch():
 
 def test_ceiling_seeds_below_one_is_refused_with_the_fix():
     import argparse
-    from nnunet_cl.benchmark import _ceiling_seeds
+    from nnunet_cl.bench.runner import _ceiling_seeds
     assert _ceiling_seeds("2") == 2
     for bad in ("0", "-1"):
         with pytest.raises(argparse.ArgumentTypeError, match="leave it out of --arms"):
@@ -161,7 +161,7 @@ def test_ceiling_seeds_below_one_is_refused_with_the_fix():
 
 def test_without_source_given_dataset_options_must_match_the_work_folder(tmp_path, capsys):
     """Without -i the settings come from benchmark.json; an option given with another value is refused, not ignored."""
-    from nnunet_cl.benchmark import main
+    from nnunet_cl.bench.runner import main
     settings = {"source": "/data/X", "labels_folder": "labelsTr", "dataset_json": "/data/X/dataset.json",
                 "dataset_id": 950, "name": "X", "n_test": 20, "n_val": 10, "split_seed": 12345, "complete_cases": True,
                 "plans_variant": {"patch": [32, 48, 32], "batch_size": 2, "width": 16, "topology": "planned",
@@ -200,7 +200,7 @@ def _plans_with_deep_network(folder: Path) -> Path:
 def test_bench_plans_keep_or_replan_the_network_for_the_patch(tmp_path):
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunet_cl.benchmark_design import write_bench_plans
+    from nnunet_cl.bench.design import write_bench_plans
     pre = _plans_with_deep_network(tmp_path)
     kept = write_bench_plans(pre, [64, 64, 64], 2, 16)  # the plans' 6 stages: total stride 32, a 2^3 bottleneck
     assert kept["architecture"]["arch_kwargs"]["n_stages"] == 6
@@ -224,7 +224,7 @@ def test_bench_plans_keep_or_replan_the_network_for_the_patch(tmp_path):
 
 
 def test_bench_plans_at_a_coarser_spacing_have_their_own_data(tmp_path):
-    from nnunet_cl.benchmark_design import needs_preprocessing, write_bench_plans
+    from nnunet_cl.bench.design import needs_preprocessing, write_bench_plans
     pre = _plans_with_deep_network(tmp_path)
     cfg = write_bench_plans(pre, [32, 48, 32], 2, 16, "planned", spacing_factor=2)
     assert cfg["spacing"] == pytest.approx([7.8, 5.0, 7.8]) and cfg["median_image_size_in_voxels"] == [64] * 3
@@ -321,7 +321,7 @@ def test_table_and_plot_from_run_files(tmp_path):
 
 
 def test_report_as_tables_a_subset_of_the_runs(tmp_path):
-    from nnunet_cl.benchmark import main
+    from nnunet_cl.bench.runner import main
     runs = tmp_path / "runs" / "clBench"
     runs.mkdir(parents=True)
     records = [_run_record("scratch", 2, 0, 0.5, 0.6), _run_record("scratch", 2, 1, 0.6, 0.7),
@@ -372,7 +372,7 @@ def test_log_follows_a_command_while_it_runs(tmp_path):
     printed for minutes without the log showing it)."""
     import argparse
     import threading
-    from nnunet_cl.benchmark import Bench
+    from nnunet_cl.bench.runner import Bench
     bench = Bench(argparse.Namespace(work=str(tmp_path), schedule=None, quick=False, pretrain_schedule=None))
     marker = tmp_path / "seen"
     result = {}
@@ -395,7 +395,7 @@ def test_log_follows_a_command_while_it_runs(tmp_path):
 # ------------------------------------------------------------------------------------------------ end to end
 
 def _bench_cmd(src, work, unlabeled):
-    return [sys.executable, "-m", "nnunet_cl.benchmark", "-i", str(src), "--work", str(work), "--k", "2",
+    return [sys.executable, "-m", "nnunet_cl.bench.runner", "-i", str(src), "--work", str(work), "--k", "2",
             "--seeds", "0", "--arms", "scratch", "simclr", "missing=nnUNetTrainerMissingPretrain",
             "--n_test", "2", "--n_val", "1", "--schedule", "clBenchTest", "--extra_unlabeled", str(unlabeled),
             "--batch_size", "2", "--width", "8", "--step_size", "1"]

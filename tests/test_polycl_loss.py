@@ -1,4 +1,4 @@
-"""PolyCL losses (nnunet_cl.polycl.loss): hand computation, ordering, equivalence with masked_supcon."""
+"""PolyCL losses (nnunet_cl.methods.polycl.loss): hand computation, ordering, equivalence with masked_supcon."""
 import math
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nnunet_cl.losses.masked_supcon import masked_supcon
-from nnunet_cl.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, polycl_masks, polycl_triplet_loss
-from nnunet_cl.polycl.pairs import sample_triplets, strategy_masks, valid_anchor_mask
+from nnunet_cl.methods.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, polycl_masks, polycl_triplet_loss
+from nnunet_cl.methods.polycl.pairs import sample_triplets, strategy_masks, valid_anchor_mask
 
 CASES = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
 PRESENCE = [1, 1, 0, 1, 0, 0, 0, 0, -1, -1]

@@ -1,10 +1,10 @@
-"""PolyCL pair selection (nnunet_cl.polycl.pairs): strategies S/O/M, fallbacks, triplets, presence, batches."""
+"""PolyCL pair selection (nnunet_cl.methods.polycl.pairs): strategies S/O/M, fallbacks, triplets, presence, batches."""
 import numpy as np
 import pytest
 import torch
 
 from nnunet_cl.paths import NnUNetCLError
-from nnunet_cl.polycl.pairs import (
+from nnunet_cl.methods.polycl.pairs import (
     normalize_presence,
     patch_organ_presence,
     organ_class_locations,

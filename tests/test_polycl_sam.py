@@ -1,4 +1,4 @@
-"""Optional SAM / SAM 2 plumbing (nnunet_cl.polycl.sam_refine, sam2_propagate) with fake predictors.
+"""Optional SAM / SAM 2 plumbing (nnunet_cl.methods.polycl.sam_refine, sam2_propagate) with fake predictors.
 
 No weights are needed or downloaded. Two groups at the end:
 - the real segment_anything and sam2 packages (the `sam` extra, part of the `test` extra) with randomly
@@ -19,14 +19,14 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_cl.paths import NnUNetCLError
-from nnunet_cl.polycl.sam2_propagate import (
+from nnunet_cl.methods.polycl.sam2_propagate import (
     Sam2Propagator,
     SlicePropagator,
     load_slice_mask,
     main_sam2_propagate,
     propagate_from_slice,
 )
-from nnunet_cl.polycl.sam_refine import (
+from nnunet_cl.methods.polycl.sam_refine import (
     IdentityRefiner,
     MaskRefiner,
     SamBoxRefiner,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_cl.separeg.clustering import expert_blocks, kmeans_regions
-from nnunet_cl.separeg.losses import (byol_loss, distill_cosine_loss, distill_kl_loss, ema_update, mlp_head,
+from nnunet_cl.methods.separeg.clustering import expert_blocks, kmeans_regions
+from nnunet_cl.methods.separeg.losses import (byol_loss, distill_cosine_loss, distill_kl_loss, ema_update, mlp_head,
                                       simsiam_loss)
 
 

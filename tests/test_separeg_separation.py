@@ -5,10 +5,10 @@ import cc3d
 import numpy as np
 import pytest
 
-from nnunet_cl.separeg.cache import build_region_cache, load_region_cache
-from nnunet_cl.separeg.separation import (body_mask, filter_regions, region_bbox_crop, region_crops,
+from nnunet_cl.methods.separeg.cache import build_region_cache, load_region_cache
+from nnunet_cl.methods.separeg.separation import (body_mask, filter_regions, region_bbox_crop, region_crops,
                                           region_properties, separate_case, supervoxels)
-from nnunet_cl.separeg.visualize import draw_separation_png
+from nnunet_cl.methods.separeg.visualize import draw_separation_png
 
 N_SEG = 32
 
@@ -244,7 +244,7 @@ def test_cache_reads_nnunet_preprocessed_cases(tmp_path):
     """(folder, identifier) cases: data read with nnU-Net's dataset class, spacing from the plans beside it."""
     import json
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-    from nnunet_cl.separeg.cache import PreprocessedCaseLoader
+    from nnunet_cl.methods.separeg.cache import PreprocessedCaseLoader
 
     ds_folder = tmp_path / "Dataset999_Phantom"
     data_folder = ds_folder / "nnUNetPlans_3d_lowres"
@@ -277,8 +277,8 @@ def test_shared_defaults_are_the_functions_defaults():
     """SEPARATION_DEFAULTS (trainers, preview) and separate_case's signature (scikit-image style) cannot drift."""
     import inspect
 
-    from nnunet_cl.separeg.defaults import SEPARATION_DEFAULTS
-    from nnunet_cl.separeg.separation import filter_regions, separate_case, supervoxels
+    from nnunet_cl.methods.separeg.defaults import SEPARATION_DEFAULTS
+    from nnunet_cl.methods.separeg.separation import filter_regions, separate_case, supervoxels
     for fn in (separate_case, supervoxels, filter_regions):
         params = inspect.signature(fn).parameters
         for key, value in SEPARATION_DEFAULTS.items():

@@ -345,7 +345,7 @@ def fold_folder(kbp, trainer):
 
 def preview_cmd():
     exe = shutil.which("nnUNetv2_cl_separeg_preview")
-    return [exe] if exe else [sys.executable, "-m", "nnunet_cl.separeg.cli"]
+    return [exe] if exe else [sys.executable, "-m", "nnunet_cl.methods.separeg.cli"]
 
 
 def test_preview_before_pretraining(kbp, tmp_path):

@@ -232,7 +232,7 @@ def test_attribute_variant_sets_only_known_attributes(nnunet_env):
 def test_long_pretraining_arms_scale_only_the_stage_lengths(nnunet_env):
     """'<method>5x' arms: the same method and schedule with 5 times each pretraining stage; k, batch size and
     iterations per epoch stay, so the arm differs from its short twin only in pretraining steps."""
-    from nnunet_cl.benchmark_design import DEFAULT_ARMS, KNOWN_ARMS, parse_arms
+    from nnunet_cl.bench.design import DEFAULT_ARMS, KNOWN_ARMS, parse_arms
     from nnunet_cl_trainers import benchmark as bench
     fake_preprocessed_folder(nnunet_env, "Dataset997_Tiny")
     for method, pretrainer in KNOWN_ARMS.items():

@@ -15,7 +15,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import nnUNetTrainerDiceCELoss_noSmooth
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-from nnunet_cl.benchmark_design import LONG_PRETRAIN, METHODS
+from nnunet_cl.bench.design import LONG_PRETRAIN, METHODS
 from nnunet_cl_trainers.base import attribute_variant
 from nnunet_cl_trainers.finetune import FinetuneRecipe
 from nnunet_cl_trainers.seeding import seed_everything, seeded_augmenters
@@ -24,7 +24,7 @@ from nnunet_cl_trainers.seeding import seed_everything, seeded_augmenters
 # 16-128); the arithmetic is in docs/benchmarks.md. Per schedule:
 #   finetune: (epochs, iterations per epoch, validation iterations per epoch)
 #   pretrain_iterations: iterations per pretraining epoch, every method
-#   pretrain: {pretraining trainer: attributes}, from the arms table (nnunet_cl.benchmark_design.METHODS)
+#   pretrain: {pretraining trainer: attributes}, from the arms table (nnunet_cl.bench.design.METHODS)
 SCHEDULES = {
     # 1000 steps: with 250 (the first version) scratch nnU-Net still predicted only background at k = 5 and 10
     "clBench": {"finetune": (40, 25, 3), "pretrain_iterations": 25},
@@ -152,7 +152,7 @@ def scale_epochs(attrs: dict, factor: int) -> dict:
     return {k: v * factor if k.endswith("_epochs") else v for k, v in attrs.items()}
 
 
-# The '<Method>Pretrain5x' arms (LONG_PRETRAIN, set in nnunet_cl.benchmark_design, which names the arms): the same
+# The '<Method>Pretrain5x' arms (LONG_PRETRAIN, set in nnunet_cl.bench.design, which names the arms): the same
 # method and fine-tuning with 5 times the pretraining steps, to measure whether the short pretraining of the
 # schedules is what limits the gain (docs/benchmarks.md).
 
@@ -169,3 +169,7 @@ import nnunet_cl_trainers as _package  # noqa: E402  (every method's trainers ar
 
 for _trainer, _ in METHODS.values():
     _define(getattr(_package, _trainer))
+
+# only the classes defined here: re-exporting nnUNetTrainer itself would confuse nnU-Net's name checks
+__all__ = sorted(n for n, o in list(globals().items())
+                 if n.startswith("nnUNetTrainer") and getattr(o, "__module__", None) == __name__)

@@ -1,7 +1,7 @@
 """PolyCL (Ward, Moseley, Imran 2025): contrastive pretraining with positives and negatives chosen across scans.
 
 The paper contrasts 2-D slices; here the unit is a 3-D patch (docs/methods/polycl.md lists every deviation).
-Strategies (nnunet_cl.polycl.pairs):
+Strategies (nnunet_cl.methods.polycl.pairs):
   S  positive: another patch of the same scan          negative: a patch of another scan      (label-free)
   O  positive: a patch with the same organ presence    negative: a patch with the opposite presence
   M  positive: same scan and same presence             negative: another scan without the organ
@@ -22,8 +22,8 @@ from torch import nn
 from nnunet_cl.distributed import broadcast_objects, gather_with_grad, rank, shard
 from nnunet_cl.heads import pooled_embedding, pooled_projection_heads
 from nnunet_cl.paths import NnUNetCLError
-from nnunet_cl.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, polycl_triplet_loss
-from nnunet_cl.polycl.pairs import STRATEGIES, normalize_presence, sample_triplets, strategy_masks, valid_anchor_mask
+from nnunet_cl.methods.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, polycl_triplet_loss
+from nnunet_cl.methods.polycl.pairs import STRATEGIES, normalize_presence, sample_triplets, strategy_masks, valid_anchor_mask
 from nnunet_cl.pretrain_plans import check_bottleneck, network_divisor, reduced_patch_size
 from nnunet_cl_trainers.base import PRETRAIN, nnUNetTrainerCLBase
 from nnunet_cl_trainers.polycl_data import PolyCLPatchLoader, PolyCLPoolDataset
@@ -39,7 +39,7 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
       strategy            "S", "O" or "M" (default "S": the label-free one)
       loss_form           "infonce" (every valid in-batch negative, default) or "triplet" (the paper's one
                           positive and one negative per anchor)
-      temperature         tau of both forms (default nnunet_cl.polycl.DEFAULT_TEMPERATURE = 0.1)
+      temperature         tau of both forms (default nnunet_cl.methods.polycl.DEFAULT_TEMPERATURE = 0.1)
       organ_labels        labels that make "the organ" for O/M (None: any foreground label)
       patches_per_case    patches drawn from each scan per step (>= 2: the S positive)
       pretrain_batch_size patches per step (None: max(8, plans' batch size)); n_cases = this // patches_per_case

@@ -1,6 +1,6 @@
 """PolyCL's pretraining batches: several nnU-Net-augmented patches of several scans, with organ presence.
 
-Each step draws `n_cases` pool cases and `patches_per_case` patches of each (`nnunet_cl.polycl.sample_patch_batch`),
+Each step draws `n_cases` pool cases and `patches_per_case` patches of each (`nnunet_cl.methods.polycl.sample_patch_batch`),
 so that every patch has a same-scan partner (PolyCL-S positive) and other scans (negatives). Every patch is
 cropped like nnU-Net crops a training patch and goes once through nnU-Net's own training augmentation.
 
@@ -17,7 +17,7 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
 
-from nnunet_cl.polycl.pairs import UNKNOWN, organ_class_locations, presence_from_class_locations, sample_patch_batch
+from nnunet_cl.methods.polycl.pairs import UNKNOWN, organ_class_locations, presence_from_class_locations, sample_patch_batch
 from nnunet_cl_trainers.pool_data import PoolDataset
 
 

@@ -38,10 +38,10 @@ from torch import nn
 
 from nnunet_cl.distributed import broadcast_objects
 from nnunet_cl.heads import local_head
-from nnunet_cl.separeg.cache import PreprocessedCaseLoader, build_region_cache, load_region_cache
-from nnunet_cl.separeg.clustering import expert_blocks, kmeans_regions
-from nnunet_cl.separeg.defaults import CACHE_FOLDER, SEPARATION_DEFAULTS
-from nnunet_cl.separeg.losses import (byol_loss, distill_cosine_loss, distill_kl_loss, ema_update, mlp_head,
+from nnunet_cl.methods.separeg.cache import PreprocessedCaseLoader, build_region_cache, load_region_cache
+from nnunet_cl.methods.separeg.clustering import expert_blocks, kmeans_regions
+from nnunet_cl.methods.separeg.defaults import CACHE_FOLDER, SEPARATION_DEFAULTS
+from nnunet_cl.methods.separeg.losses import (byol_loss, distill_cosine_loss, distill_kl_loss, ema_update, mlp_head,
                                       simsiam_loss)
 from nnunet_cl.views import flip_view, intensity_view
 from nnunet_cl_trainers.base import FINETUNE, PRETRAIN, nnUNetTrainerCLBase
@@ -111,7 +111,7 @@ class nnUNetTrainerSepaReg(nnUNetTrainerCLBase):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        # structure-aware image separation (nnunet_cl.separeg.separation.separate_case)
+        # structure-aware image separation (nnunet_cl.methods.separeg.separation.separate_case)
         self.n_segments = SEPARATION_DEFAULTS["n_segments"]
         self.compactness = SEPARATION_DEFAULTS["compactness"]
         self.separation_downsample = SEPARATION_DEFAULTS["downsample"]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_cl.benchmark_design import (BASE_PLANS, BENCH_PLANS, CEILING, CONFIG, DEFAULT_ARMS, FOLDS_FILE,
+from nnunet_cl.bench.design import (BASE_PLANS, BENCH_PLANS, CEILING, CONFIG, DEFAULT_ARMS, FOLDS_FILE,
                                         PRETRAIN_FOLD, QUICK_ARMS, BenchmarkError, build_folds, complete_cases,
                                         needs_preprocessing, parse_arms, plan_runs, run_id, split_cases,
                                         splits_from_folds, write_bench_plans)
@@ -502,7 +502,7 @@ class Bench:
     def report(self, final: bool, name: str | None = None) -> int:
         """The table and plots of every finished run; with a name, of the runs of --arms, --k and --seeds only,
         as results_<schedule>_<name>.*"""
-        from nnunet_cl.benchmark_report import run_filter, write_report
+        from nnunet_cl.bench.report import run_filter, write_report
         a, skipped = self.args, self.state.get("skipped", {})
         settings = self.state.get("settings", {})
         title = f"{settings.get('name', 'benchmark')}, schedule {self.schedule}: " \

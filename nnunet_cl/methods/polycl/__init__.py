@@ -6,8 +6,8 @@
 * ``sam_refine`` / ``sam2_propagate``: optional SAM box refinement and SAM 2 slice propagation
   (``pip install "nnunet-cl[sam]"``, user-supplied checkpoints); import them explicitly.
 """
-from nnunet_cl.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, polycl_masks, polycl_triplet_loss
-from nnunet_cl.polycl.pairs import (
+from nnunet_cl.methods.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, polycl_masks, polycl_triplet_loss
+from nnunet_cl.methods.polycl.pairs import (
     STRATEGIES,
     normalize_presence,
     patch_organ_presence,

@@ -170,7 +170,7 @@ def _worker_init():
 
 def build_region_cache(cases: Sequence[tuple[str, CaseSpec]], out_folder: str, num_processes: int = 1,
                        crop_dtype: str = "uint8", progress: bool = True, **separation_kwargs) -> dict:
-    """Run :func:`~nnunet_cl.separeg.separation.separate_case` on every case and write ``<case_id>.npz``.
+    """Run :func:`~nnunet_cl.methods.separeg.separation.separate_case` on every case and write ``<case_id>.npz``.
 
     Args:
         cases: ``(case_id, loader)`` pairs; a loader is a callable returning ``(image (z, y, x), spacing)``,

@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from nnunet_cl.paths import NnUNetCLError
-from nnunet_cl.polycl.sam_refine import to_uint8_rgb
+from nnunet_cl.methods.polycl.sam_refine import to_uint8_rgb
 
 __all__ = ["SlicePropagator", "Sam2Propagator", "propagate_from_slice", "load_slice_mask", "main_sam2_propagate"]
 

@@ -4,7 +4,7 @@ The trainer copies these into attributes in ``__init__`` (variants change the at
 command uses them unless a checkpoint tells which parameters its run used.
 """
 
-#: keyword arguments of :func:`nnunet_cl.separeg.separation.separate_case` (and of ``build_region_cache``)
+#: keyword arguments of :func:`nnunet_cl.methods.separeg.separation.separate_case` (and of ``build_region_cache``)
 SEPARATION_DEFAULTS = dict(
     n_segments=64,        # supervoxels requested per body volume
     compactness=0.1,      # SLIC compactness on intensities windowed to [0, 1]

@@ -1,6 +1,6 @@
 """The design of a label-efficiency benchmark, as plain functions: test set, folds, arms, run plan and plans.
 
-Nothing here runs nnU-Net; `nnunet_cl.benchmark` orchestrates the runs these pieces describe, and the tests
+Nothing here runs nnU-Net; `nnunet_cl.bench.runner` orchestrates the runs these pieces describe, and the tests
 check them directly. See docs/benchmarks.md for the protocol.
 """
 import json

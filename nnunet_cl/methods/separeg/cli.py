@@ -20,7 +20,7 @@ from os.path import join
 import numpy as np
 
 from nnunet_cl.paths import NnUNetCLError, dataset_name, load_plans, require_env, resolved_configuration
-from nnunet_cl.separeg.defaults import SEPARATION_DEFAULTS
+from nnunet_cl.methods.separeg.defaults import SEPARATION_DEFAULTS
 
 __all__ = ["preview", "main"]
 
@@ -72,9 +72,9 @@ def preview(dataset: str | int, out_png: str, configuration: str = "3d_fullres",
             plans_identifier: str = "nnUNetPlans", checkpoint: str | None = None, n_slices: int = 3,
             overrides: dict | None = None, verbose: bool = True) -> dict:
     """Separate one preprocessed case and draw it. Returns a summary dict (case, counts, seconds, png)."""
-    from nnunet_cl.separeg.cache import PreprocessedCaseLoader
-    from nnunet_cl.separeg.separation import separate_case
-    from nnunet_cl.separeg.visualize import draw_separation_png
+    from nnunet_cl.methods.separeg.cache import PreprocessedCaseLoader
+    from nnunet_cl.methods.separeg.separation import separate_case
+    from nnunet_cl.methods.separeg.visualize import draw_separation_png
 
     name = dataset_name(dataset)
     folder = join(require_env("nnUNet_preprocessed"), name)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_cl.losses.masked_supcon import masked_supcon
-from nnunet_cl.polycl.pairs import strategy_masks, valid_anchor_mask
+from nnunet_cl.methods.polycl.pairs import strategy_masks, valid_anchor_mask
 
 __all__ = ["DEFAULT_TEMPERATURE", "polycl_triplet_loss", "polycl_infonce_loss", "polycl_masks"]
 
