@@ -332,3 +332,11 @@ def test_an_extra_optimizer_steps_its_modules_and_round_trips(make_trainer, tmp_
     batch = two_view_batch(seed=3)
     assert float(resumed.train_step(batch)["loss"]) == pytest.approx(float(trainer.train_step(batch)["loss"]),
                                                                      rel=1e-6)
+
+
+def test_an_empty_dataset_is_named_with_the_fix(nnunet_env):
+    (nnunet_env["nnUNet_preprocessed"] / "Dataset997_Tiny" / "nnUNetPlans_3d_fullres").mkdir(parents=True)
+    trainer = nnUNetTrainerSimCLR(tiny_plans(), "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))
+    with pytest.raises(trainer_base.NnUNetCLError, match="No preprocessed case in .*Fix: nnUNetv2_plan_and_preprocess "
+                                                         "-d Dataset997_Tiny -c 3d_fullres"):
+        trainer.initialize()

@@ -257,6 +257,15 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
                                 f"stage lengths must be >= 0.")
         if self.pretrain_epochs > 0 and not self.has_pretraining:
             raise NnUNetCLError(f"{type(self).__name__} has no pretraining stage; set pretrain_epochs = 0.")
+        folder = self.preprocessed_dataset_folder
+        cases = [f for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+                 if f.endswith((".b2nd", ".npz", ".npy")) and not f.endswith(("_seg.b2nd", "_seg.npy"))]
+        if not cases:  # nnU-Net would stop with a bare "more than one file ending" AssertionError
+            name = self.plans_manager.dataset_name
+            raise NnUNetCLError(f"No preprocessed case in {folder} (configuration {self.configuration_name} of "
+                                f"{self.plans_manager.plans_name}). Fix: nnUNetv2_plan_and_preprocess -d {name} -c "
+                                f"{self.configuration_name} (or nnUNetv2_preprocess -d {name} -plans_name "
+                                f"{self.plans_manager.plans_name} -c {self.configuration_name}).")
 
     def configure_optimizers(self):
         return self._stage_optimizer(self.stage())
