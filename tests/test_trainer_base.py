@@ -304,6 +304,12 @@ def test_bad_settings_are_refused_at_set_up(make_trainer):
         make_trainer(cls=nnUNetTrainerPolyCL, strategy="X")
     with pytest.raises(trainer_base.NnUNetCLError, match="stage lengths must be >= 0"):
         make_trainer(finetune_epochs=-1)
+    with pytest.raises(trainer_base.NnUNetCLError, match="pretrain_batch_size=1: a whole number >= 2"):
+        make_trainer(pretrain_batch_size=1)
+    with pytest.raises(trainer_base.NnUNetCLError, match="temperature=0: must be > 0"):
+        make_trainer(temperature=0)
+    with pytest.raises(trainer_base.NnUNetCLError, match="pretrain_lr=-1"):
+        make_trainer(pretrain_lr=-1)
 
 
 class _WithExtraOptimizer(nnUNetTrainerSimCLR):

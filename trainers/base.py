@@ -257,6 +257,12 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
                                 f"stage lengths must be >= 0.")
         if self.pretrain_epochs > 0 and not self.has_pretraining:
             raise NnUNetCLError(f"{type(self).__name__} has no pretraining stage; set pretrain_epochs = 0.")
+        if not self.pretrain_lr > 0:
+            raise NnUNetCLError(f"pretrain_lr={self.pretrain_lr}: must be > 0. Fix: e.g. 1e-3 (the default).")
+        if self.pretrain_batch_size is not None and not (isinstance(self.pretrain_batch_size, int)
+                                                         and self.pretrain_batch_size >= 2):
+            raise NnUNetCLError(f"pretrain_batch_size={self.pretrain_batch_size!r}: a whole number >= 2 (the heads' "
+                                f"BatchNorm and the negatives need two samples), or None for the default.")
         folder = self.preprocessed_dataset_folder
         cases = [f for f in (os.listdir(folder) if os.path.isdir(folder) else [])
                  if f.endswith((".b2nd", ".npz", ".npy")) and not f.endswith(("_seg.b2nd", "_seg.npy"))]

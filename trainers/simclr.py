@@ -4,6 +4,7 @@ from torch import nn
 
 from nnunet_cl.heads import pooled_embedding, pooled_projection_heads
 from nnunet_cl.losses import info_nce_two_views
+from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl_trainers.base import nnUNetTrainerCLBase
 
 
@@ -22,6 +23,11 @@ class nnUNetTrainerSimCLR(nnUNetTrainerCLBase):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.temperature = 0.1
         self.projection_dim = 128
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        if not self.temperature > 0:
+            raise NnUNetCLError(f"temperature={self.temperature}: must be > 0. Fix: e.g. 0.1 (the default).")
 
     def build_cl_modules(self) -> nn.ModuleDict:
         channels = self.unwrapped_network.encoder.output_channels[-1]
