@@ -7,6 +7,7 @@ import torch
 from nnunet_cl.checkpoints import stock_network
 from nnunet_cl.export import export_model
 from nnunet_cl.paths import NnUNetCLError
+from nnunet_cl.safe_load import load_checkpoint_file
 
 from helpers import tiny_plans
 
@@ -37,7 +38,7 @@ def test_export_gives_plain_nnunet_checkpoints(tmp_path):
     export_model(str(_model_folder(tmp_path)), str(out), folds=["1"])
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "dataset_fingerprint.json", "fold_1",
                                                      "nnunet_cl_export.json", "plans.json"]
-    ckpt = torch.load(out / "fold_1" / "checkpoint_final.pth", weights_only=False)
+    ckpt = load_checkpoint_file(str(out / "fold_1" / "checkpoint_final.pth"))
     assert ckpt["trainer_name"] == "nnUNetTrainer" and "nnunet_cl" not in ckpt
     assert json.loads((out / "nnunet_cl_export.json").read_text())["source_trainer"] == "nnUNetTrainerSimCLR"
 

@@ -129,6 +129,7 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         self.cl_modules: nn.ModuleDict | None = None
         self.train_modules: nn.Module | None = None  # TrainModules, DDP-wrapped in a distributed run
         self.extra_optimizers: Dict[str, torch.optim.Optimizer] | None = None
+        self._in_step = False  # inside step_losses, the wrapped forward
         self._optimizer_stage = None
         self._pool_loader = None
         for term in ("total",) + tuple(self.loss_terms):
@@ -209,16 +210,24 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         mod = self.train_modules.module if isinstance(self.train_modules, DDP) else self.train_modules
         return mod.network
 
+    def step_parts(self) -> nn.Module:
+        """The network whose parts (encoder, decoder stages) the step calls. Only inside the step's wrapped
+        forward (step_losses): called from anywhere else in a distributed run, their gradients would not be
+        averaged across ranks, so that is refused."""
+        if self.is_ddp and not self._in_step:
+            raise RuntimeError("the network's parts were called outside the step's DDP-wrapped forward; call them "
+                               "from pretrain_losses / auxiliary_losses (inside step_losses)")
+        return self.unwrapped_network
+
     def encode(self, x: torch.Tensor) -> list:
-        """Encoder skips of the stock U-Net, bottleneck last. Call it inside the step (pretrain_losses), whose
-        forward runs through the DDP wrapper."""
-        return self.unwrapped_network.encoder(x)
+        """Encoder skips of the stock U-Net, bottleneck last (inside the step, see step_parts)."""
+        return self.step_parts().encoder(x)
 
     def forward_features(self, x: torch.Tensor, encoder=(), decoder=(), with_output: bool = True):
         """(segmentation output, {'enc<i>' / 'dec<s>': feature map}) in one pass (nnunet_cl.features)."""
         if not encoder and not decoder:
             return (self.step_network(x) if with_output else None), {}
-        return unet_features(self.unwrapped_network, x, encoder, decoder, with_output)
+        return unet_features(self.step_parts(), x, encoder, decoder, with_output)
 
     # ---------------------------------------------------------------- set-up
     def initialize(self):
@@ -409,6 +418,13 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
     def step_losses(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """(loss to back-propagate, the method's named terms) of one prepared batch; runs inside the wrapped
         forward of train_modules."""
+        self._in_step = True
+        try:
+            return self._step_losses(batch)
+        finally:
+            self._in_step = False
+
+    def _step_losses(self, batch: dict) -> tuple[torch.Tensor, dict]:
         if self.stage() == PRETRAIN:
             terms = self.pretrain_losses(batch)
             return sum(terms.values()), terms
