@@ -28,7 +28,7 @@ def separation_times(trainer) -> list[tuple[str, tuple, float, int]]:
     from threadpoolctl import threadpool_limits
 
     from nnunet_cl.pool import list_pool
-    from nnunet_cl.methods.separeg.cache import PreprocessedCaseLoader
+    from nnunet_cl.case_cache import PreprocessedCaseLoader
     from nnunet_cl.methods.separeg.separation import separate_case
     members = list_pool(trainer.preprocessed_dataset_folder_base, trainer.configuration_manager.data_identifier,
                         trainer.fold)

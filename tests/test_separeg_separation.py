@@ -8,7 +8,7 @@ import pytest
 from nnunet_cl.methods.separeg.cache import build_region_cache, load_region_cache
 from nnunet_cl.methods.separeg.separation import (body_mask, filter_regions, region_bbox_crop, region_crops,
                                           region_properties, separate_case, supervoxels)
-from nnunet_cl.methods.separeg.visualize import draw_separation_png
+from nnunet_cl.regions.visualize import draw_regions_png
 
 N_SEG = 32
 
@@ -224,7 +224,7 @@ def test_separation_png_is_written(tmp_path, phantom, separated):
     img, _ = phantom
     ids = separated["region_ids"]
     filtered = {**separated["filtered"], int(ids[0]): ("low_fill",)}   # make sure hatching is drawn
-    out = draw_separation_png(img, separated["labels"], ids[1:], filtered, str(tmp_path / "sep.png"),
+    out = draw_regions_png(img, separated["labels"], ids[1:], filtered, str(tmp_path / "sep.png"),
                               cluster_of_region=np.arange(ids.size - 1) % 3, n_slices=3)
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -244,7 +244,7 @@ def test_cache_reads_nnunet_preprocessed_cases(tmp_path):
     """(folder, identifier) cases: data read with nnU-Net's dataset class, spacing from the plans beside it."""
     import json
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-    from nnunet_cl.methods.separeg.cache import PreprocessedCaseLoader
+    from nnunet_cl.case_cache import PreprocessedCaseLoader
 
     ds_folder = tmp_path / "Dataset999_Phantom"
     data_folder = ds_folder / "nnUNetPlans_3d_lowres"

@@ -5,7 +5,6 @@
 * :mod:`.cache` -- separation of many cases once, one ``.npz`` per case, in parallel.
 * :mod:`.losses` -- SimSiam / BYOL losses, EMA update, IID distillation losses, MLP heads.
 * :mod:`.clustering` -- k-means of region embeddings, per-expert index blocks.
-* :mod:`.visualize` -- a quick-look PNG of a separation.
 * :mod:`.defaults` -- the separation parameters the trainers use by default, the cache folder name.
 * :mod:`.cli` -- ``nnUNetv2_cl_separeg_preview`` (one case's separation as a PNG).
 
@@ -21,7 +20,6 @@ _EXPORTS = {
                "simsiam_loss"],
     "clustering": ["expert_blocks", "kmeans_regions"],
     "cache": ["PreprocessedCaseLoader", "RegionIndex", "build_region_cache", "load_region_cache"],
-    "visualize": ["draw_separation_png"],
     "defaults": ["CACHE_FOLDER", "SEPARATION_DEFAULTS"],
     "cli": ["preview"],
 }

@@ -17,15 +17,17 @@ parameters are recomputed, with a warning).
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import warnings
 from dataclasses import dataclass
 from glob import glob
-from os.path import basename, dirname, isfile, join
+from os.path import basename, isfile, join
 from typing import Callable, Sequence, Union
 
 import numpy as np
+
+from nnunet_cl.case_cache import (PreprocessedCaseLoader, check_cache_folder, run_case_jobs, save_npz_atomic,
+                                  stored_key)
 
 from .defaults import CACHE_FOLDER
 from .separation import separate_case
@@ -34,56 +36,6 @@ __all__ = ["build_region_cache", "load_region_cache", "RegionIndex", "Preprocess
 
 Loader = Callable[[], tuple[np.ndarray, Sequence[float]]]
 CaseSpec = Union[Loader, tuple]
-
-
-# ----------------------------------------------------------------------------------------------- loaders
-def _spacing_from_plans(folder: str) -> list[float]:
-    """Spacing of the configuration whose data_identifier is the folder's name (plans json beside it)."""
-    from nnunet_cl.paths import NnUNetCLError, resolved_configuration
-    ident = basename(os.path.normpath(folder))
-    for plans_file in sorted(glob(join(dirname(os.path.normpath(folder)), "*.json"))):
-        try:
-            with open(plans_file) as f:
-                plans = json.load(f)
-        except (OSError, ValueError):
-            continue
-        configs = plans.get("configurations") if isinstance(plans, dict) else None
-        if not isinstance(configs, dict):
-            continue
-        for name in configs:
-            try:
-                c = resolved_configuration(plans, name)
-            except NnUNetCLError:  # a broken configuration in some json: not the one we look for
-                continue
-            if c.get("data_identifier") == ident and c.get("spacing") is not None:
-                return [float(s) for s in c["spacing"]]
-    raise ValueError(f"cannot find the spacing of {folder}: no plans json beside it has a configuration with "
-                     f"data_identifier {ident!r}. Fix: pass (folder, identifier, spacing) or a loader callable.")
-
-
-class PreprocessedCaseLoader:
-    """Picklable loader of one case of nnU-Net's preprocessed data (any of nnU-Net's dataset formats).
-
-    Returns (data[channel] as float32 (z, y, x), spacing). ``spacing`` defaults to the spacing of the
-    plans configuration the folder belongs to (the preprocessed data are resampled to it; the case's
-    ``properties['spacing']`` is the original spacing and would be wrong).
-    """
-
-    def __init__(self, folder: str, identifier: str, spacing: Sequence[float] | None = None, channel: int = 0):
-        self.folder, self.identifier, self.channel = folder, identifier, int(channel)
-        self.spacing = None if spacing is None else [float(s) for s in spacing]
-
-    def __call__(self) -> tuple[np.ndarray, list[float]]:
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
-        ds = infer_dataset_class(self.folder)(self.folder, [self.identifier])
-        data, _seg, _prev, _props = ds.load_case(self.identifier)
-        spacing = self.spacing if self.spacing is not None else _spacing_from_plans(self.folder)
-        return np.asarray(data[self.channel], dtype=np.float32), spacing
-
-    def __repr__(self):
-        return (f"PreprocessedCaseLoader({self.folder!r}, {self.identifier!r}, spacing={self.spacing}, "
-                f"channel={self.channel})")
 
 
 def _as_loader(spec: CaseSpec) -> Loader:
@@ -104,17 +56,6 @@ def _params_key(kwargs: dict, crop_dtype: str) -> str:
                       sort_keys=True, default=str)
 
 
-def _is_done(path: str, key: str) -> bool | None:
-    """True: finished with these parameters; False: finished with others; None: missing or unreadable."""
-    if not isfile(path):
-        return None
-    try:
-        with np.load(path) as f:
-            return str(f["cache_key"]) == key
-    except Exception:  # truncated by hand or from an old format: recompute
-        return None
-
-
 def _compute_one(case_id: str, loader: Loader, out_folder: str, crop_dtype: str, key: str,
                  kwargs: dict) -> tuple[str, int]:
     image, spacing = loader()
@@ -130,42 +71,13 @@ def _compute_one(case_id: str, loader: Loader, out_folder: str, crop_dtype: str,
     low = low.astype(np.uint16 if labels.max() < 65535 else np.uint32)
     filtered_ids = np.array(sorted(res["filtered"]), dtype=np.int32)
     reasons = np.array([",".join(res["filtered"][i]) for i in sorted(res["filtered"])], dtype=str)
-    path = cache_path(out_folder, case_id)
-    tmp = join(out_folder, f".{case_id}.npz.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(
-                f, crops=crops, region_ids=res["region_ids"].astype(np.int32), bboxes=res["bboxes"].astype(np.int32),
-                labels_lowres=low, shape=np.array(labels.shape, np.int64), downsample=np.int64(d),
-                filtered_ids=filtered_ids, filtered_reasons=reasons,
-                spacing=np.array(res["params"]["spacing"], np.float64), window=np.array(res["window"], np.float64),
-                params=json.dumps(res["params"], default=str), cache_key=key)
-        os.replace(tmp, path)
-    finally:
-        if isfile(tmp):
-            os.remove(tmp)
+    save_npz_atomic(
+        cache_path(out_folder, case_id), crops=crops, region_ids=res["region_ids"].astype(np.int32),
+        bboxes=res["bboxes"].astype(np.int32), labels_lowres=low, shape=np.array(labels.shape, np.int64),
+        downsample=np.int64(d), filtered_ids=filtered_ids, filtered_reasons=reasons,
+        spacing=np.array(res["params"]["spacing"], np.float64), window=np.array(res["window"], np.float64),
+        params=json.dumps(res["params"], default=str), cache_key=key)
     return case_id, int(crops.shape[0])
-
-
-# Work shared with forked workers (so that loaders need not be picklable, e.g. lambdas).
-_JOBS: list = []
-
-
-def _run_job(i: int):
-    return _compute_one(*_JOBS[i])
-
-
-def _run_args(args):
-    return _compute_one(*args)
-
-
-def _worker_init():
-    # one thread per worker: the parallelism is over cases
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(1)
-    except Exception:
-        pass
 
 
 def build_region_cache(cases: Sequence[tuple[str, CaseSpec]], out_folder: str, num_processes: int = 1,
@@ -188,8 +100,6 @@ def build_region_cache(cases: Sequence[tuple[str, CaseSpec]], out_folder: str, n
     Returns:
         {"computed": [case ids], "skipped": [case ids], "n_regions": {case id: R for computed cases}}.
     """
-    from tqdm import tqdm
-
     if crop_dtype not in ("uint8", "float16"):
         raise ValueError(f"crop_dtype must be 'uint8' or 'float16'; got {crop_dtype!r}")
     ids = [str(c[0]) for c in cases]
@@ -199,15 +109,11 @@ def build_region_cache(cases: Sequence[tuple[str, CaseSpec]], out_folder: str, n
     if bad:
         raise ValueError(f"case ids must be plain file names; got {bad[:3]}")
     os.makedirs(out_folder, exist_ok=True)
-    foreign = [f for f in os.listdir(out_folder) if f.endswith((".b2nd", ".pkl", ".npy"))]
-    if foreign:
-        raise ValueError(f"{out_folder} holds nnU-Net data ({foreign[0]}, ...). Writing .npz files there would break "
-                         f"nnU-Net's dataset-format detection. Fix: use a separate folder, e.g. "
-                         f"<nnUNet_preprocessed>/DatasetXXX/{CACHE_FOLDER}/<data_identifier>, as the trainers do.")
+    check_cache_folder(out_folder, CACHE_FOLDER)
     key = _params_key(separation_kwargs, crop_dtype)
     jobs, skipped, stale = [], [], []
     for case_id, spec in cases:
-        state = _is_done(cache_path(out_folder, str(case_id)), key)
+        state = stored_key(cache_path(out_folder, str(case_id)), key)
         if state:
             skipped.append(str(case_id))
             continue
@@ -217,31 +123,7 @@ def build_region_cache(cases: Sequence[tuple[str, CaseSpec]], out_folder: str, n
     if stale:
         warnings.warn(f"build_region_cache: {len(stale)} cached case(s) were made with other parameters and are "
                       f"recomputed (e.g. {stale[:3]})", RuntimeWarning, stacklevel=2)
-    n_regions: dict[str, int] = {}
-    bar = tqdm(total=len(jobs), desc="SepaReg separation", unit="case", disable=not progress or not jobs)
-    try:
-        if num_processes <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                cid, r = _compute_one(*job)
-                n_regions[cid] = r
-                bar.update()
-        elif "fork" in mp.get_all_start_methods():
-            global _JOBS
-            _JOBS = jobs
-            try:
-                with mp.get_context("fork").Pool(min(num_processes, len(jobs)), initializer=_worker_init) as pool:
-                    for cid, r in pool.imap_unordered(_run_job, range(len(jobs))):
-                        n_regions[cid] = r
-                        bar.update()
-            finally:
-                _JOBS = []
-        else:
-            with mp.get_context().Pool(min(num_processes, len(jobs)), initializer=_worker_init) as pool:
-                for cid, r in pool.imap_unordered(_run_args, jobs):
-                    n_regions[cid] = r
-                    bar.update()
-    finally:
-        bar.close()
+    n_regions = dict(run_case_jobs(_compute_one, jobs, num_processes, "SepaReg separation", progress))
     return {"computed": [j[0] for j in jobs], "skipped": skipped, "n_regions": n_regions}
 
 

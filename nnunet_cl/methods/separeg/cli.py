@@ -19,30 +19,11 @@ from os.path import join
 
 import numpy as np
 
-from nnunet_cl.paths import NnUNetCLError, dataset_name, load_plans, require_env, resolved_configuration
+from nnunet_cl.case_cache import plans_configuration, preprocessed_cases
+from nnunet_cl.paths import NnUNetCLError, dataset_name, load_plans, require_env
 from nnunet_cl.methods.separeg.defaults import SEPARATION_DEFAULTS
 
 __all__ = ["preview", "main"]
-
-
-def _configuration(plans: dict, name: str) -> dict:
-    """The configuration `name` with nnU-Net's inheritance (`inherits_from`) resolved."""
-    if name not in plans["configurations"]:
-        raise NnUNetCLError(f"configuration {name!r} is not in the plans (available: "
-                            f"{sorted(plans['configurations'])}). Fix: pick one with -c.")
-    return resolved_configuration(plans, name)
-
-
-def _cases(folder: str, data_identifier: str) -> list[tuple[str, str]]:
-    """(folder, identifier) of the labeled dataset's preprocessed images and of the ingested pool cases."""
-    from nnunet_cl.pool import pool_identifiers
-    from nnunet_cl.splits import preprocessed_identifiers
-    labeled = join(folder, data_identifier)
-    try:
-        out = [(labeled, i) for i in preprocessed_identifiers(folder, data_identifier)]
-    except NnUNetCLError:  # no labeled cases in this configuration: the pool alone may do
-        out = []
-    return out + pool_identifiers(folder, data_identifier)
 
 
 def _clusters_from_checkpoint(path: str, case_id: str):
@@ -72,18 +53,18 @@ def preview(dataset: str | int, out_png: str, configuration: str = "3d_fullres",
             plans_identifier: str = "nnUNetPlans", checkpoint: str | None = None, n_slices: int = 3,
             overrides: dict | None = None, verbose: bool = True) -> dict:
     """Separate one preprocessed case and draw it. Returns a summary dict (case, counts, seconds, png)."""
-    from nnunet_cl.methods.separeg.cache import PreprocessedCaseLoader
+    from nnunet_cl.case_cache import PreprocessedCaseLoader
     from nnunet_cl.methods.separeg.separation import separate_case
-    from nnunet_cl.methods.separeg.visualize import draw_separation_png
+    from nnunet_cl.regions.visualize import draw_regions_png
 
     name = dataset_name(dataset)
     folder = join(require_env("nnUNet_preprocessed"), name)
     _, plans = load_plans(folder, plans_identifier, dataset)
-    config = _configuration(plans, configuration)
+    config = plans_configuration(plans, configuration)
     data_identifier, spacing = config["data_identifier"], [float(s) for s in config["spacing"]]
     if len(spacing) != 3:
         raise NnUNetCLError(f"configuration {configuration} is 2d; SepaReg separates 3d volumes. Fix: -c 3d_fullres.")
-    cases = _cases(folder, data_identifier)
+    cases = preprocessed_cases(folder, data_identifier)
     if not cases:
         raise NnUNetCLError(f"no preprocessed cases for {name} / {data_identifier}. Fix: run "
                             f"nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration}, or "
@@ -131,7 +112,7 @@ def preview(dataset: str | int, out_png: str, configuration: str = "3d_fullres",
              f"n_segments={params['n_segments']}, compactness={params['compactness']}, "
              f"min_size={res['min_size']}, fill>{params['min_fill_ratio']}, elong<{params['max_elongation']}; "
              f"{seconds:.1f} s")
-    draw_separation_png(img_show, lab_show, kept, res["filtered"], out_png, cluster_of_region=cluster_of_region,
+    draw_regions_png(img_show, lab_show, kept, res["filtered"], out_png, cluster_of_region=cluster_of_region,
                         n_slices=n_slices, title=title, pixel_aspect=sp_show[1] / sp_show[2], crops=res["crops"])
     summary = {"case": case, "png": out_png, "supervoxels": int(res["n_supervoxels"]), "kept": len(kept),
                "filtered": len(res["filtered"]), "filtered_reasons": dict(why), "seconds": seconds,

@@ -1,4 +1,5 @@
-"""A quick-look PNG of a SepaReg separation: axial slices with supervoxels, kept/filtered regions, clusters."""
+"""A quick-look PNG of regions over a volume: axial slices with supervoxel boundaries, kept/filtered regions
+and clusters (SepaReg's separation preview, SuperCL's supervoxel preview)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["draw_separation_png"]
+__all__ = ["draw_regions_png"]
 
 
 def _cluster_map(kept_ids: Sequence[int], cluster_of_region) -> dict[int, int] | None:
@@ -21,7 +22,7 @@ def _cluster_map(kept_ids: Sequence[int], cluster_of_region) -> dict[int, int] |
     return {int(k): int(v) for k, v in zip(kept_ids, vals)}
 
 
-def draw_separation_png(image: np.ndarray, labels: np.ndarray, kept_ids: Iterable[int],
+def draw_regions_png(image: np.ndarray, labels: np.ndarray, kept_ids: Iterable[int],
                         filtered_ids: Iterable[int] | Mapping[int, Sequence[str]], out_png: str,
                         cluster_of_region=None, n_slices: int = 3, title: str | None = None,
                         dpi: int = 100, pixel_aspect: float = 1.0, crops=None, max_crops: int = 10) -> str:
