@@ -225,6 +225,7 @@ def _uneven_worker(rank: int, world: int, port: int, root: str, _case: str) -> N
         message = str(e)
     with open(os.path.join(root, f"rank{rank}.txt"), "w") as f:
         f.write(message)
+    dist.barrier()  # a rank that closes first makes gloo abort its peer
     dist.destroy_process_group()
 
 
