@@ -30,3 +30,9 @@ def pooled_projection_heads(channels: int, hidden: int, out_dim: int, conv_op=nn
 def pooled_embedding(heads: nn.ModuleDict, feature_map: torch.Tensor) -> torch.Tensor:
     """(B, C, *spatial) -> (B, out_dim): local transform, global average pool, projection."""
     return heads["projector"](heads["local"](feature_map).flatten(2).mean(-1))
+
+
+def dense_projection_head(channels: int, out_dim: int = 128, conv_op=nn.Conv3d) -> nn.Sequential:
+    """Voxel-wise projector of a feature map for dense (local) contrast: 1x1 conv C -> C, ReLU, 1x1 conv C -> out_dim
+    (the two-layer projector of SimCLR applied at every voxel, as in Chaitanya et al. 2020's local head)."""
+    return nn.Sequential(conv_op(channels, channels, 1), nn.ReLU(inplace=True), conv_op(channels, out_dim, 1))

@@ -44,11 +44,12 @@ TINY_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "organ":
 SMALL = {"pretrain_iterations_per_epoch": 2, "finetune_iterations_per_epoch": 1,
          "finetune_val_iterations_per_epoch": 1, "training_seed": 0}
 FAMILY_ATTRS = {"nnUNetTrainerSepaReg": {"n_segments": 24, "regions_per_step": 4, "crop_size": 16},
-                "nnUNetTrainerPolyCL": {"pretrain_batch_size": 4}, "nnUNetTrainerSimCLR": {"pretrain_batch_size": 2}}
+                "nnUNetTrainerPolyCL": {"pretrain_batch_size": 4}, "nnUNetTrainerSimCLR": {"pretrain_batch_size": 2},
+                "nnUNetTrainerSuperCL": {"pretrain_batch_size": 4, "queue_size": 16, "n_labels": 16, "per_label": 4}}
 
 
 def test_the_families_are_the_methods():
-    assert FAMILIES == ["nnUNetTrainerPolyCL", "nnUNetTrainerSepaReg", "nnUNetTrainerSimCLR"]
+    assert FAMILIES == ["nnUNetTrainerPolyCL", "nnUNetTrainerSepaReg", "nnUNetTrainerSimCLR", "nnUNetTrainerSuperCL"]
 
 
 @pytest.mark.parametrize("name", CL_TRAINERS)

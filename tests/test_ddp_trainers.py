@@ -1,7 +1,8 @@
 """Every trainer kind on torch.distributed: 2 gloo processes on CPU with half the batch each against 1 process on
 the whole batch, through the trainers' own train_step.
 
-Checked for SimCLR, PolyCL (pairs across ranks), SepaReg (SimSiam and BYOL region phase, heads with
+Checked for SimCLR, PolyCL (pairs across ranks), SuperCL (IGCP's graph over every rank's patches and a queue),
+SepaReg (SimSiam and BYOL region phase, heads with
 cross-rank BatchNorm) and an auxiliary-loss trainer (nnU-Net's segmentation loss plus a gathered InfoNCE while
 fine-tuning):
   * the mean over ranks of the step loss equals the single-process loss (rtol 1e-5);
@@ -23,7 +24,7 @@ import torch.multiprocessing as mp
 
 from nnunet_cl.heads import pooled_embedding
 from nnunet_cl.losses import info_nce_two_views
-from nnunet_cl_trainers import nnUNetTrainerPolyCL, nnUNetTrainerSepaReg, nnUNetTrainerSimCLR
+from nnunet_cl_trainers import nnUNetTrainerPolyCL, nnUNetTrainerSepaReg, nnUNetTrainerSimCLR, nnUNetTrainerSuperCL
 from nnunet_cl_trainers.base import FINETUNE, PRETRAIN
 
 from helpers import fake_preprocessed_folder, tiny_plans
@@ -64,6 +65,18 @@ def polycl_batch(step):
         ("data", "case_index", "organ_present")
 
 
+def supercl_batch(step):
+    """Patches with a blocky supervoxel map (4^3 blocks, 0 on one border slab), positions and per-sample seeds."""
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn((4, 1, 16, 16, 16), generator=g)
+    block = torch.arange(4).repeat_interleave(4)
+    ids = 1 + block[:, None, None] * 16 + block[None, :, None] * 4 + block[None, None, :]
+    sv = ids.expand(4, 16, 16, 16).clone()
+    sv[:, :2] = 0
+    return {"data": x, "supervoxels": sv, "position": torch.rand(4, generator=g),
+            "seeds": torch.arange(4) + 100 * step}, ("data", "supervoxels", "position", "seeds")
+
+
 def separeg_batch(step):
     """Region crops with their two views made already (prepare_batch keeps given views), split view-wise."""
     x, x2 = _views(torch.Generator().manual_seed(step), 4)
@@ -81,6 +94,11 @@ def finetune_batch(step):
 CASES = {
     "simclr": (nnUNetTrainerSimCLR, simclr_batch, {}),
     "polycl": (nnUNetTrainerPolyCL, polycl_batch, {"pretrain_patch_size": [16, 16, 16]}),
+    "supercl": (nnUNetTrainerSuperCL, supercl_batch, {"pretrain_patch_size": [16, 16, 16], "queue_size": 12,
+                                                      "n_labels": 8, "per_label": 4}),
+    "supercl_position": (nnUNetTrainerSuperCL, supercl_batch, {"pretrain_patch_size": [16, 16, 16], "queue_size": 4,
+                                                               "n_labels": 8, "per_label": 4,
+                                                               "instance_term": "position"}),
     "separeg_simsiam": (nnUNetTrainerSepaReg, separeg_batch, {"crop_size": 16, "regions_per_step": 4}),
     "separeg_byol": (nnUNetTrainerSepaReg, separeg_batch, {"crop_size": 16, "regions_per_step": 4,
                                                            "objective": "byol"}),

@@ -12,4 +12,5 @@ from nnunet_cl_trainers.demo import (nnUNetTrainer_clDemo, nnUNetTrainer_clDemoQ
                                      nnUNetTrainerSimCLR_clDemoQuick)
 from nnunet_cl_trainers.separeg import nnUNetTrainerSepaReg, nnUNetTrainerSepaRegPretrain
 from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCL, nnUNetTrainerPolyCLPretrain
+from nnunet_cl_trainers.supercl import nnUNetTrainerSuperCL, nnUNetTrainerSuperCLPretrain
 from nnunet_cl_trainers.benchmark import *

@@ -15,8 +15,6 @@ rows of trainers/variants.py.
 import numpy as np
 import torch
 import torch.distributed as dist
-from nnunetv2.configuration import ANISO_THRESHOLD
-from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from torch import nn
 
 from nnunet_cl.distributed import broadcast_objects, gather_with_grad, rank, shard
@@ -24,15 +22,15 @@ from nnunet_cl.heads import pooled_embedding, pooled_projection_heads
 from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.methods.polycl.loss import DEFAULT_TEMPERATURE, polycl_infonce_loss, polycl_triplet_loss
 from nnunet_cl.methods.polycl.pairs import STRATEGIES, normalize_presence, sample_triplets, strategy_masks, valid_anchor_mask
-from nnunet_cl.pretrain_plans import check_bottleneck, network_divisor, reduced_patch_size
 from nnunet_cl_trainers.base import PRETRAIN, nnUNetTrainerCLBase
+from nnunet_cl_trainers.pretrain_patch import SmallPatchPretraining
 from nnunet_cl_trainers.polycl_data import PolyCLPatchLoader, PolyCLPoolDataset
 
 LOSS_FORMS = ("infonce", "triplet")
 MIN_PATCHES_PER_STEP = 8
 
 
-class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
+class nnUNetTrainerPolyCL(SmallPatchPretraining, nnUNetTrainerCLBase):
     """Staged PolyCL: `pretrain_epochs` on the pool, then `finetune_epochs` of nnU-Net on the labeled split.
 
     Hyperparameters (attributes, set in __init__; a variant changes them in its own __init__):
@@ -70,30 +68,6 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
         self.projection_dim = 128
         self._batch_stats = []
 
-    # ---------------------------------------------------------------- sizes
-    def is_pretrain_plans_variant(self) -> bool:
-        """True when this configuration inherits from another and sets its own patch (nnUNetv2_cl_pretrain_plans)."""
-        raw = self.plans_manager.plans["configurations"].get(self.configuration_name, {})
-        return "inherits_from" in raw and "patch_size" in raw
-
-    def get_pretrain_patch_size(self) -> list[int]:
-        divisor = network_divisor(self.configuration_manager)
-        if self.pretrain_patch_size is not None:
-            patch = [int(p) for p in self.pretrain_patch_size]
-            if len(patch) != len(divisor) or any(p <= 0 or p % d for p, d in zip(patch, divisor)):
-                nearest = [max(d, round(p / d) * d) for p, d in zip(patch, divisor)] if len(patch) == len(divisor) \
-                    else None
-                raise NnUNetCLError(f"pretrain_patch_size {patch}: each axis must be a positive multiple of the "
-                                    f"network's total downsampling {divisor}. Fix: set pretrain_patch_size to "
-                                    f"{nearest or f'{len(divisor)} such values'}.")
-            check_bottleneck(patch, divisor, "pretrain_patch_size =")
-        elif self.is_pretrain_plans_variant():
-            patch = [int(p) for p in self.configuration_manager.patch_size]
-            check_bottleneck(patch, divisor, "nnUNetv2_cl_pretrain_plans --patch")
-        else:
-            patch = reduced_patch_size(self.configuration_manager.patch_size, divisor)
-        return patch
-
     def get_pretrain_batch_size(self) -> int:
         """Patches per step on this rank: the global batch split over the ranks, whole scans each."""
         n = self.pretrain_batch_size or max(MIN_PATCHES_PER_STEP, int(self.configuration_manager.batch_size))
@@ -114,22 +88,6 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
                 f"{self.get_pretrain_batch_size() // self.patches_per_case} scan(s) per step on each process; PolyCL "
                 f"needs >= 2 (negatives come from other scans). Fix: set pretrain_batch_size >= "
                 f"{2 * self.patches_per_case * (dist.get_world_size() if self.is_ddp else 1)}.")
-
-    def _pretrain_augmentation(self, patch):
-        """nnU-Net's rotation / dummy-2D / initial-patch rules (configure_rotation_dummyDA_mirroring_and_inital_
-        patch_size) applied to the pretraining patch instead of the plans' patch."""
-        _, _, _, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        if len(patch) == 2:
-            do_dummy_2d = False
-            angle = 15. if max(patch) / min(patch) > 1.5 else 180.
-        else:
-            do_dummy_2d = (max(patch) / patch[0]) > ANISO_THRESHOLD
-            angle = 180. if do_dummy_2d else 30.
-        rotation = (-angle / 360 * 2. * np.pi, angle / 360 * 2. * np.pi)
-        initial = get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))
-        if do_dummy_2d:
-            initial[0] = patch[0]
-        return rotation, do_dummy_2d, [int(i) for i in initial], mirror_axes
 
     # ---------------------------------------------------------------- hooks
     def build_cl_modules(self) -> nn.ModuleDict:
@@ -153,7 +111,7 @@ class nnUNetTrainerPolyCL(nnUNetTrainerCLBase):
                                     read_nonzero_mask=any(self.configuration_manager.use_mask_for_norm or []))
         patch = self.get_pretrain_patch_size()
         batch = self.get_pretrain_batch_size()
-        rotation, do_dummy_2d, initial_patch, mirror_axes = self._pretrain_augmentation(patch)
+        rotation, do_dummy_2d, initial_patch, mirror_axes = self.pretrain_augmentation(patch)
         transforms = self.get_training_transforms(
             patch, rotation, None, mirror_axes, do_dummy_2d,
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,

@@ -4,12 +4,14 @@ sets attributes, named `<base>_<suffix>` or `<base><Suffix>`).
 A new method adds its rows here; nothing else names its variants. Rows:
   - `_<P>pt_<F>ft`: P pretraining epochs, then F fine-tuning epochs, 250 iterations each as in nnU-Net;
   - `_quick`: a first look at a method on a CPU: 5 short pretraining epochs, then 5 short fine-tuning epochs;
-  - method options (PolyCL's strategies, SepaReg's objective, distillation loss and k).
+  - method options (PolyCL's strategies, SepaReg's objective, distillation loss and k, SuperCL's ASP and
+    instance term).
 """
 from nnunet_cl_trainers.base import attribute_variant
 from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCL, nnUNetTrainerPolyCLPretrain
 from nnunet_cl_trainers.separeg import nnUNetTrainerSepaReg, nnUNetTrainerSepaRegPretrain
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLR, nnUNetTrainerSimCLRPretrain
+from nnunet_cl_trainers.supercl import nnUNetTrainerSuperCL, nnUNetTrainerSuperCLPretrain
 
 _QUICK_ITERATIONS = dict(pretrain_iterations_per_epoch=10, finetune_iterations_per_epoch=10,
                          finetune_val_iterations_per_epoch=5)
@@ -40,6 +42,17 @@ for _base in (nnUNetTrainerSepaReg, nnUNetTrainerSepaRegPretrain):
     for _k in (4, 8):  # _k4 is the default k, named so that a sweep over k reads alike
         VARIANTS += [(_base, f"{_base.__name__}_k{_k}", dict(k=_k), None),
                      (_base, f"{_stem}BYOL{_tail}_k{_k}", dict(objective="byol", k=_k), None)]
+VARIANTS += [
+    (nnUNetTrainerSuperCL, "nnUNetTrainerSuperCL_10pt_50ft", dict(pretrain_epochs=10, finetune_epochs=50), None),
+    (nnUNetTrainerSuperCL, "nnUNetTrainerSuperCL_50pt_250ft", dict(pretrain_epochs=50, finetune_epochs=250), None),
+    (nnUNetTrainerSuperCLPretrain, "nnUNetTrainerSuperCLPretrain_10pt", dict(pretrain_epochs=10), None),
+    (nnUNetTrainerSuperCLPretrain, "nnUNetTrainerSuperCLPretrain_50pt", dict(pretrain_epochs=50), None),
+    (nnUNetTrainerSuperCL, "nnUNetTrainerSuperCL_area", dict(asp_mode="area"),
+     "SuperCL with the authors' ASP (supervoxel sums divided by the whole map's size, not the supervoxel's)."),
+    (nnUNetTrainerSuperCL, "nnUNetTrainerSuperCL_position", dict(instance_term="position"),
+     "SuperCL with the positional instance term: patches centred within 10% of the body axis are positives."),
+    (nnUNetTrainerSuperCLPretrain, "nnUNetTrainerSuperCLPretrain_position", dict(instance_term="position"), None),
+]
 # quick variants: one per family, the same name pattern for all
 VARIANTS += [
     (nnUNetTrainerSimCLR, "nnUNetTrainerSimCLR_quick", dict(pretrain_epochs=5, finetune_epochs=5, **_QUICK_ITERATIONS),
@@ -50,6 +63,8 @@ VARIANTS += [
      dict(region_epochs=2, k=2, expert_epochs=1, distill_epochs=1, finetune_epochs=5, **_QUICK_ITERATIONS),
      "SepaReg, a first look: separation, 2 region epochs, 2 experts of 1 epoch, 1 distillation epoch (10 steps "
      "each), then 5 x 10 fine-tuning steps."),
+    (nnUNetTrainerSuperCL, "nnUNetTrainerSuperCL_quick", dict(pretrain_epochs=5, finetune_epochs=5, **_QUICK_ITERATIONS),
+     "SuperCL, a first look: supervoxels of the pool, 5 x 10 pretraining steps, then 5 x 10 fine-tuning steps."),
 ]
 
 for _base, _name, _attrs, _doc in VARIANTS:
