@@ -115,8 +115,8 @@ def stored_key(path: str, key: str) -> bool | None:
     or unreadable (truncated, an old format), so it must be computed."""
     if not isfile(path):
         return None
-    try:
-        with np.load(path) as f:
+    try:  # the file is opened here, so a truncated one that np.load rejects is still closed
+        with open(path, "rb") as fh, np.load(fh) as f:
             return str(f["cache_key"]) == key
     except Exception:
         return None

@@ -6,6 +6,7 @@ and SimCLR arms at k=2 with one seed, plus an arm whose trainer does not exist (
 """
 import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -269,8 +270,8 @@ def test_table_and_plot_from_run_files(tmp_path):
     md = Path(paths["md"]).read_text()
     assert "| scratch | 2 | 2 | 0.550 ± 0.071 | 0.650 ± 0.071 | **0.600 ± 0.071** |" in md
     # simclr minus scratch on the same seed: 0.65 - 0.55 and 0.75 - 0.65
-    assert ("| simclr | 2 | 2 | 0.600 ± 0.000 | 0.800 ± 0.141 | **0.700 ± 0.071** | 0.100 ± 0.000 | 2.0 | 0.5 | "
-            "10.0 |") in md
+    assert ("| simclr | 2 | 2 | 0.600 ± 0.000 | 0.800 ± 0.141 | **0.700 ± 0.071** | 0.100 ± 0.000 | "
+            "[+0.100, +0.100] | 2.0 | 0.5 | 10.0 |") in md
     assert "| ceiling | all (20) | 1 |" in md and "skipped arm **polycl**" in md
     rows = list(csv.DictReader(open(paths["csv"])))
     assert [(r["arm"], r["k"]) for r in rows] == [("scratch", "2"), ("scratch", "5"), ("simclr", "2"),
@@ -304,7 +305,7 @@ def test_table_and_plot_from_run_files(tmp_path):
     # a pretraining finished by an earlier invocation has no wall time: nnU-Net's epoch times stand in
     (runs / "pretrain__simclr.json").write_text(json.dumps({"arm": "simclr", "wall_s": None, "epochs_s": 300.0}))
     md = Path(write_report(runs, tmp_path)["md"]).read_text()
-    assert "| 0.100 ± 0.000 | 2.0 | 0.5 | 5.0 |" in md and "epoch times stands in" in md
+    assert "| 0.100 ± 0.000 | [+0.100, +0.100] | 2.0 | 0.5 | 5.0 |" in md and "epoch times stands in" in md
     assert "different settings" not in md
     # one run predicted with another sliding-window step: the table says so
     (runs / "scratch__k5__seed0.json").write_text(json.dumps({**records[4], "step_size": 1.0}))
@@ -318,6 +319,16 @@ def test_table_and_plot_from_run_files(tmp_path):
     assert "resumed after an interruption (nnU-Net --c): simclr k=2 seed 1" in md
     assert "| 0.100 ± 0.000 | 3.5 | 0.5 | 5.0 |" in md  # (120 s wall + 300 s of epochs) / 2
     assert [r["resumed_seeds"] for r in csv.DictReader(open(paths["csv"])) if r["arm"] == "simclr"] == ["1"]
+
+
+def test_paired_interval_is_students_t_over_the_differences():
+    from nnunet_cl.bench.report import paired_interval
+    import numpy as np
+    d = np.array([0.01, 0.03, 0.02, 0.04, 0.00])  # mean 0.02, sample std 0.0158; t(0.975, 4 dof) = 2.7764
+    lo, hi = paired_interval(float(d.mean()), float(d.std(ddof=1)), len(d))
+    assert (lo, hi) == pytest.approx((0.02 - 2.7764 * 0.015811 / 5 ** 0.5, 0.02 + 2.7764 * 0.015811 / 5 ** 0.5),
+                                     abs=1e-5)
+    assert all(math.isnan(v) for v in paired_interval(0.1, float("nan"), 1))
 
 
 def test_report_as_tables_a_subset_of_the_runs(tmp_path):

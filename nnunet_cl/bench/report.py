@@ -52,6 +52,19 @@ def _stats(values) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan, len(v)
 
 
+def paired_interval(mean: float, std: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of a mean of n paired differences (sample std); (nan, nan) below 2 pairs."""
+    if n < 2 or math.isnan(std):
+        return math.nan, math.nan
+    from scipy.stats import t
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def _interval(lo: float, hi: float, digits: int = 3) -> str:
+    return "—" if math.isnan(lo) else f"[{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
 def _pm(mean: float, std: float, digits: int = 3) -> str:
     if math.isnan(mean):
         return "—"
@@ -88,6 +101,7 @@ def aggregate(runs: list[dict]) -> tuple[list[dict], list[str], dict]:
                       if arm not in (SCRATCH, CEILING) and (k, r["seed"]) in scratch
                       and r["mean_fg_dice"] is not None and scratch[(k, r["seed"])] is not None}
             row["delta_scratch"] = _stats(paired.values())
+            row["delta_interval"] = paired_interval(*row["delta_scratch"])
             row["delta_per_seed"] = paired
             row["resumed_seeds"] = [r["seed"] for r in group if r.get("resumed")]
             for key in ("predict", "pretrain"):
@@ -117,20 +131,22 @@ def prediction_settings(run: dict) -> str:
 
 def markdown_table(rows, classes, labels, skipped: dict | None = None, predicted_with: set | None = None) -> str:
     head = ["arm", "labeled cases", "seeds"] + [f"Dice {labels.get(c, c)}" for c in classes] + \
-        ["mean foreground Dice", "Δ vs scratch (paired)", "fine-tune min", "predict min", "pretrain min (once)"]
+        ["mean foreground Dice", "Δ vs scratch (paired)", "Δ 95% interval", "fine-tune min", "predict min", "pretrain min (once)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         k = f"all ({r['k']})" if r["ceiling"] else str(r["k"])
         cells = [r["arm"], k, str(len(r["seeds"]))]
         cells += [_pm(*r["per_class"][c][:2]) for c in classes]
-        cells += [f"**{_pm(*r['mean_fg'][:2])}**", _pm(*r["delta_scratch"][:2]) if r["delta_scratch"][2] else "—"]
+        cells += [f"**{_pm(*r['mean_fg'][:2])}**", _pm(*r["delta_scratch"][:2]) if r["delta_scratch"][2] else "—",
+                  _interval(*r["delta_interval"])]
         cells += [f"{v / 60:.1f}" if not math.isnan(v) else "—" for v in (r["finetune_s"], r["predict_s"],
                                                                            r["pretrain_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "Mean ± sample std over seeds (a seed fixes which k cases are labeled). Δ vs scratch: the arm minus "
-                 "scratch on the same k and seed, averaged over seeds. Wall times are per run; pretraining runs "
-                 "once per method and serves every k and seed (where an earlier invocation finished it, the "
-                 "sum of nnU-Net's epoch times stands in for its wall time)."]
+                 "scratch on the same k and seed, averaged over seeds; its 95% interval is Student's t over those "
+                 "paired differences (from 2 seeds on). Wall times are per run; pretraining runs once per method "
+                 "and serves every k and seed (where an earlier invocation finished it, the sum of nnU-Net's "
+                 "epoch times stands in for its wall time)."]
     resumed = resumed_runs(rows)
     if resumed:
         notes.append(f"- resumed after an interruption (nnU-Net --c): {', '.join(resumed)}. Such a run continues on "
@@ -149,6 +165,7 @@ def write_csv(rows, classes, labels, path) -> None:
     for c in classes:
         fields += [f"dice_{labels.get(c, c)}_mean", f"dice_{labels.get(c, c)}_std"]
     fields += ["mean_fg_dice_mean", "mean_fg_dice_std", "delta_vs_scratch_mean", "delta_vs_scratch_std",
+               "delta_vs_scratch_ci95_low", "delta_vs_scratch_ci95_high",
                "finetune_s_mean", "predict_s_mean", "pretrain_s", "resumed_seeds"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -157,7 +174,7 @@ def write_csv(rows, classes, labels, path) -> None:
             vals = [r["arm"], r["k"], int(r["ceiling"]), len(r["seeds"]), " ".join(map(str, r["seeds"]))]
             for c in classes:
                 vals += list(r["per_class"][c][:2])
-            vals += list(r["mean_fg"][:2]) + list(r["delta_scratch"][:2])
+            vals += list(r["mean_fg"][:2]) + list(r["delta_scratch"][:2]) + list(r["delta_interval"])
             vals += [r["finetune_s"], r["predict_s"], r["pretrain_s"], " ".join(map(str, r["resumed_seeds"]))]
             w.writerow(["" if isinstance(v, float) and math.isnan(v) else
                         (round(v, 5) if isinstance(v, float) else v) for v in vals])

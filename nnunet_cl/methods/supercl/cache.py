@@ -109,7 +109,7 @@ def load_supervoxels(out_folder: str, case_id: str, expected_shape: Sequence[int
     fix = (f"Fix: delete {path} (or the whole folder {out_folder}); the trainer recomputes what is missing at its "
            f"next start.")
     try:
-        with np.load(path) as f:
+        with open(path, "rb") as fh, np.load(fh) as f:
             labels = np.asarray(f["supervoxels"]).astype(np.int32)
             shape = tuple(int(s) for s in f["shape"])
     except FileNotFoundError:
