@@ -317,7 +317,7 @@ def test_table_and_plot_from_run_files(tmp_path):
     paths = write_report(runs, tmp_path)
     md = Path(paths["md"]).read_text()
     assert "resumed after an interruption (nnU-Net --c): simclr k=2 seed 1" in md
-    assert "| 0.100 ± 0.000 | 3.5 | 0.5 | 5.0 |" in md  # (120 s wall + 300 s of epochs) / 2
+    assert "| 0.100 ± 0.000 | [+0.100, +0.100] | 3.5 | 0.5 | 5.0 |" in md  # (120 s wall + 300 s of epochs) / 2
     assert [r["resumed_seeds"] for r in csv.DictReader(open(paths["csv"])) if r["arm"] == "simclr"] == ["1"]
 
 
