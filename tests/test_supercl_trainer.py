@@ -77,7 +77,7 @@ def test_pretraining_computes_the_supervoxels_once(hippo, pretrain_run, staged_r
 def test_staged_training_validates_and_keeps_the_stock_network(hippo, staged_run):
     fold = _fold(hippo, TRAINER)
     ckpt = load_checkpoint_file(fold / "checkpoint_final.pth")
-    assert ckpt["current_epoch"] == 2 and (fold / "checkpoint_pretrained.pth").is_file()
+    assert ckpt["current_epoch"] == 3 and (fold / "checkpoint_pretrained.pth").is_file()
     modules = set(ckpt["nnunet_cl"]["cl_modules"])
     assert {"queue.embedding", "queue.asp", "local_enc.0.weight", "local_dec.2.weight",
             "instance.projector.0.weight"} <= modules
