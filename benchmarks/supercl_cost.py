@@ -53,7 +53,7 @@ def prepare(work: Path, n_cases: int, n_pool: int) -> None:
         shutil.copy(p, pool / p.name)
     generate_dataset_json(str(raw), {0: "MRI"}, {"background": 0, "Anterior": 1, "Posterior": 2}, n_cases, ".nii.gz",
                           dataset_name=DATASET)
-    env = {**os.environ, "nnUNet_n_proc_DA": "0"}
+    env = {**os.environ, "nnUNet_n_proc_DA": "1"}  # 0 breaks nnU-Net 2.8.1's planner (torch.set_num_threads(0))
     for cmd in (["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-np", "2"],
                 ["nnUNetv2_cl_add_unlabeled", "-d", DATASET_ID, "-i", str(pool), "-np", "2"]):
         subprocess.run(cmd, env=env, check=True, capture_output=True)

@@ -8,6 +8,7 @@ _results under --work, so a user's folders are never touched.
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,17 +19,49 @@ from nnunet_cl.ext_path import ext_trainer_path
 from nnunet_cl.paths import is_msd_dataset_json
 
 DEMO_ID = 991
+SEED_ENV = "nnUNet_cl_demo_seed"  # the demo's --seed, read by its trainers (nnunet_cl_trainers.demo)
+NEXT_TRAINER = "nnUNetTrainerSuperCL_quick"  # what the way-on lines suggest trying next
 ARMS = {"scratch (nnUNetTrainer)": "nnUNetTrainer_clDemo", "SimCLR pretrained": "nnUNetTrainerSimCLR_clDemo"}
 
 
+class EpochStatus:
+    """Condenses nnU-Net's training output into one console line per epoch: its number (and stage), the losses
+    and the epoch time. Lines are nnU-Net's log lines, ``<date> <time>: <message>``."""
+
+    KEEP = ("train_loss", "val_loss", "Pseudo dice", "contrastive")
+
+    def __init__(self, out=None):
+        self.out, self.epoch, self.parts = out or sys.stdout, None, []
+
+    def feed(self, line: str) -> None:
+        message = line.split(": ", 1)[1].strip() if re.match(r"^\d{4}-\d\d-\d\d [\d:.]+: ", line) else ""
+        if message.startswith("Epoch time:"):
+            if self.epoch is not None:
+                seconds = message.removeprefix("Epoch time:").strip()
+                print(f"  {self.epoch}: {', '.join(self.parts)}; {seconds}", file=self.out, flush=True)
+            self.epoch, self.parts = None, []
+        elif re.match(r"Epoch \d+", message):
+            self.epoch, self.parts = message.replace("Epoch", "epoch", 1), []
+        elif self.epoch is not None and message.startswith(self.KEEP):
+            self.parts.append(re.sub(r"np\.float\d+\(([^)]*)\)", r"\1", message))  # numpy 2's scalar repr
+
+
 def _run(cmd: list[str], env: dict, log: Path) -> None:
-    """Run one nnU-Net command, its output to `log`; on failure show the tail and stop."""
+    """Run one nnU-Net command, its output to `log` and one line per training epoch to the console; on failure
+    show the tail and stop."""
     print(f"$ {' '.join(cmd)}", flush=True)
     t0 = time.time()
+    status = EpochStatus()
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        code = subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              encoding="utf-8", errors="replace") as proc:
+            for line in proc.stdout:
+                f.write(line)
+                f.flush()
+                status.feed(line)
+        code = proc.returncode
     if code != 0:
         sys.exit(f"Command failed ({code}): {' '.join(cmd)}\n--- last lines of {log} ---\n"
                  + "".join(open(log).readlines()[-30:]))
@@ -83,6 +116,28 @@ def dice_table(scores: dict[str, dict], label_names: dict[str, int] | None = Non
     return "\n".join(lines)
 
 
+def unlearned_structures(scores: dict[str, dict], label_names: dict | None = None, below: float = 0.0005) -> list[str]:
+    """Names of the classes whose Dice is below `below` (0.000 as the table prints it) in every arm."""
+    names = {str(v): k for k, v in (label_names or {}).items() if isinstance(v, int)}
+    classes = sorted({c for s in scores.values() for c in s["mean"]}, key=lambda c: int(c) if str(c).isdigit() else c)
+    return [names.get(str(c), str(c)) for c in classes
+            if all(s["mean"][c]["Dice"] < below for s in scores.values() if c in s["mean"])]
+
+
+def way_on(env: dict, work: Path, dataset: Path, trainer: str = NEXT_TRAINER) -> str:
+    """The exact lines that go on by hand with the demo's dataset: its nnU-Net folders, then train, predict, export."""
+    d = str(DEMO_ID)
+    exports = " ".join(f"{k}={env[k]}" for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                                 "nnUNet_extTrainer"))
+    pred, model = work / "my_predictions", work / "my_model_for_stock_nnunet"
+    return "\n".join([
+        "To go on by hand with this dataset (another method, longer schedules, your own data later):",
+        f"  export {exports}",
+        f"  nnUNetv2_train {d} 3d_fullres 0 -tr {trainer} -device cpu",
+        f"  nnUNetv2_predict -i {dataset / 'imagesTs'} -o {pred} -d {d} -c 3d_fullres -tr {trainer} -f 0 -device cpu",
+        f"  nnUNetv2_cl_export -d {d} -tr {trainer} -c 3d_fullres -o {model}"])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="nnunet_cl_demo", help="working folder (default ./nnunet_cl_demo)")
@@ -90,6 +145,9 @@ def main(argv=None):
     parser.add_argument("--labeled", type=int, default=4, help="labeled training cases used for fine-tuning")
     parser.add_argument("--quick", action="store_true", help="tiny schedule and data (used by the test suite)")
     parser.add_argument("--overwrite", action="store_true", help="start again from an empty --work folder")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed of both arms (initialisation, patches, augmentation); the same seed "
+                             "gives the same table. Default: 0")
     args = parser.parse_args(argv)
 
     t_start = time.time()
@@ -104,11 +162,13 @@ def main(argv=None):
         env[name] = str(work / name)
     env["nnUNet_extTrainer"] = ext_trainer_path()
     env.setdefault("nnUNet_compile", "0")
-    env.setdefault("nnUNet_n_proc_DA", "2")
+    env.setdefault("nnUNet_n_proc_DA", "1")  # one worker per augmenter: batches in a fixed order (repeatable)
+    env[SEED_ENV] = str(args.seed)
+    env["PYTHONUNBUFFERED"] = "1"  # nnU-Net's epoch lines reach the console as they are printed
     env.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net spawns 8 export workers by default: slow on 2 cores
     log = work / "demo_log.txt"
     suffix = "Quick" if args.quick else ""
-    print(f"nnunet-cl demo in {work} (command output in {log})", flush=True)
+    print(f"nnunet-cl demo in {work} (command output in {log}); training seed {args.seed}", flush=True)
 
     raw = work / "nnUNet_raw"
     if args.dataset:
@@ -140,13 +200,22 @@ def main(argv=None):
                                                             f"{trainer}__nnUNetPlans__3d_fullres" / "plans.json")],
              env, log)
         scores[arm] = json.loads((pred / "summary.json").read_text())
-    table = dice_table(scores, json.loads((dataset / "dataset.json").read_text())["labels"])
+    labels = json.loads((dataset / "dataset.json").read_text())["labels"]
+    table = dice_table(scores, labels)
+    missing = unlearned_structures(scores, labels)
+    if missing:
+        it = "it" if len(missing) == 1 else "them"
+        table += (f"\n\n{', '.join(missing)}: Dice 0.000 in both arms. Neither arm has learned {it} within the "
+                  f"demo's short schedule (a few hundred fine-tuning steps on {args.labeled} labeled cases); small "
+                  f"structures are learned last. This is the demo's budget, not a property of the method.")
     (work / "dice_table.md").write_text(table + "\n")
     print(f"\nDice on {len(list((dataset / 'labelsTs').iterdir()))} held-out test cases, {args.labeled} labeled "
-          f"training cases ({'real data: ' + args.dataset if args.dataset else 'synthetic phantoms'}):\n")
+          f"training cases ({'real data: ' + args.dataset if args.dataset else 'synthetic phantoms'}), training "
+          f"seed {args.seed}:\n")
     print(table)
     print(f"\nTotal time {(time.time() - t_start) / 60:.1f} min. Training curves: "
-          f"{work / 'nnUNet_results' / dataset.name}/*/fold_0/progress.png")
+          f"{work / 'nnUNet_results' / dataset.name}/*/fold_0/progress.png\n")
+    print(way_on(env, work, dataset))
 
 
 if __name__ == "__main__":

@@ -2,24 +2,52 @@
 import subprocess
 
 
-
-def test_demo_quick_prints_a_dice_table(tmp_path):
-    work = tmp_path / "demo"
-    proc = subprocess.run(["nnUNetv2_cl_demo", "--quick", "--work", str(work)], capture_output=True, text=True,
-        encoding="utf-8", errors="replace",
-                          timeout=1500)
+def _demo(work, cwd, seed):
+    proc = subprocess.run(["nnUNetv2_cl_demo", "--quick", "--work", str(work), "--seed", str(seed)],
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=1500, cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_demo_quick_prints_a_dice_table_and_repeats_it_for_the_same_seed(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    work = tmp_path / "demo"
+    proc = _demo(work, cwd, seed=3)
     table = (work / "dice_table.md").read_text().splitlines()
     assert table[0].startswith("| arm |") and "mean foreground" in table[0]
-    rows = {line.split("|")[1].strip(): line for line in table[2:]}
+    rows = {line.split("|")[1].strip(): line for line in table[2:4]}
     assert set(rows) == {"scratch (nnUNetTrainer)", "SimCLR pretrained"}
     for line in rows.values():
         values = [float(v) for v in line.strip("|").split("|")[1:]]
         assert len(values) == 5 and all(0.0 <= v <= 1.0 for v in values)  # 4 organ classes + mean
-    assert "synthetic phantoms" in proc.stdout
+    assert "synthetic phantoms" in proc.stdout and "training seed 3" in proc.stdout
     # both arms predicted every held-out case with nnUNetv2_predict
     for trainer in ("nnUNetTrainer_clDemoQuick", "nnUNetTrainerSimCLR_clDemoQuick"):
         assert len(list((work / "predictions" / trainer).glob("*.nii.gz"))) == 3
+    # one console line per epoch while training: 2 epochs of scratch, 2 + 2 of SimCLR
+    epochs = [line for line in proc.stdout.splitlines() if line.startswith("  epoch ")]
+    assert len(epochs) == 6 and all("train_loss" in e and e.endswith(" s") and "np.float" not in e for e in epochs)
+    assert sum("contrastive" in e for e in epochs) == 2
+    # the way on: the exact folders of this run, then train, predict and export lines
+    assert f"export nnUNet_raw={work / 'nnUNet_raw'} nnUNet_preprocessed={work / 'nnUNet_preprocessed'}" in proc.stdout
+    assert "nnUNet_extTrainer=" in proc.stdout
+    for command in ("nnUNetv2_train 991 3d_fullres 0 -tr", "nnUNetv2_predict -i", "nnUNetv2_cl_export -d 991"):
+        assert f"  {command}" in proc.stdout
+    assert not any(cwd.iterdir())  # everything went under --work
+    # the same seed again: the same table
+    _demo(tmp_path / "again", cwd, seed=3)
+    assert (tmp_path / "again" / "dice_table.md").read_text() == (work / "dice_table.md").read_text()
+
+
+def test_unlearned_structures_are_the_classes_at_zero_in_every_arm():
+    from nnunet_cl.demo import unlearned_structures
+
+    def arm(*dice):
+        return {"mean": {str(i + 1): {"Dice": d} for i, d in enumerate(dice)}}
+    scores = {"scratch": arm(0.9, 0.0, 0.0, 0.0002), "pretrained": arm(0.8, 0.1, 0.0, 0.002)}
+    assert unlearned_structures(scores, {"background": 0, "liver": 1, "kidney": 2, "spleen": 3, "tumour": 4}) == \
+        ["spleen"]
 
 
 def test_demo_refuses_a_non_empty_work_folder(tmp_path):

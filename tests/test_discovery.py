@@ -155,3 +155,18 @@ def test_ext_trainer_path_without_the_package_fails_loudly():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stdout == ""
     assert "nnUNetv2_cl_ext_trainer_path: error: nnunet_cl_trainers is not installed. Fix: pip install" in proc.stderr
+
+
+def test_every_console_command_answers_help(monkeypatch, capsys):
+    """Each console script of the package prints its usage and exits with 0, as the script would be called
+    (`sys.argv`, in this process)."""
+    from importlib.metadata import distribution
+    commands = [ep for ep in distribution("nnunet-cl").entry_points if ep.group == "console_scripts"]
+    assert len(commands) >= 13
+    for ep in commands:
+        main = ep.load()
+        monkeypatch.setattr(sys, "argv", [ep.name, "--help"])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code in (0, None), ep.name
+        assert "usage:" in capsys.readouterr().out.lower(), ep.name

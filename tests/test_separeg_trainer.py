@@ -383,6 +383,8 @@ def test_staged_sepa_reg_trains_and_finetunes(kbp, staged):
     assert "base" not in extra and len(extra["assignments"]) == len(extra["region_id"]) > 30
     assert (fold / "checkpoint_pretrained.pth").is_file() and (fold / "validation" / "summary.json").is_file()
     assert "training expert 1 from the base" in staged.stdout and "Stage switch at epoch 4" in staged.stdout
+    # the k-means pass shows a progress bar from its start (tqdm, on stderr)
+    assert "SepaReg: embedding regions for k-means" in staged.stderr
 
 
 def test_predict_with_the_staged_model(kbp, staged, tmp_path):

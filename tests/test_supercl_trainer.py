@@ -89,6 +89,9 @@ def test_staged_training_validates_and_keeps_the_stock_network(hippo, staged_run
         assert np.isfinite(values[:2]).all() and (values[:2] > 0).all() and np.isnan(values[2:]).all(), term
     assert np.isfinite(log["mean_fg_dice"][2])
     assert "Stage switch at epoch 2" in staged_run.stdout
+    # no term a stage does not use shows up as nan in the log lines of either stage
+    loss_lines = [line for line in staged_run.stdout.splitlines() if "contrastive" in line or "train_loss" in line]
+    assert len(loss_lines) >= 3 and not any("nan" in line.lower() for line in loss_lines)
     assert (fold / "validation" / "summary.json").is_file()
 
 
@@ -126,13 +129,16 @@ def test_real_batches_carry_aligned_supervoxel_maps(hippo, monkeypatch, pretrain
                                    torch.device("cpu"))
     trainer.initialize()
     loader = trainer.get_pretrain_dataloader()
-    patch = trainer.get_pretrain_patch_size()
+    patch, n = trainer.get_pretrain_patch_size(), trainer.get_pretrain_batch_size()
+    # the default batch: as many patches as fit, with both views, into the voxels of the plans' batch (here 4)
+    plans_voxels = trainer.configuration_manager.batch_size * np.prod(trainer.configuration_manager.patch_size)
+    assert 2 * n * np.prod(patch) <= plans_voxels < 2 * (n + 1) * np.prod(patch) and n >= 4
     np.random.seed(0)
     ratios = []
     for _ in range(3):
         b = next(loader)
-        assert b["data"].shape == (8, 1, *patch) and b["supervoxels"].shape == (8, *patch)
-        assert b["seeds"].shape == (8,) and bool(((b["position"] >= 0) & (b["position"] <= 1)).all())
+        assert b["data"].shape == (n, 1, *patch) and b["supervoxels"].shape == (n, *patch)
+        assert b["seeds"].shape == (n,) and bool(((b["position"] >= 0) & (b["position"] <= 1)).all())
         for img, sv in zip(b["data"][:, 0], b["supervoxels"]):
             ids = sv[sv > 0]
             assert ids.numel() > 0.3 * sv.numel()

@@ -37,7 +37,7 @@ from nnunet_cl_trainers.pretrain_patch import SmallPatchPretraining
 from nnunet_cl_trainers.supercl_data import SupervoxelPatchLoader, SupervoxelPoolDataset, nearest_segmentation
 
 INSTANCE_TERMS = ("simclr", "position")
-MIN_SAMPLES_PER_STEP, MAX_DEFAULT_SAMPLES = 8, 32
+MIN_DEFAULT_SAMPLES, MAX_DEFAULT_SAMPLES = 4, 32
 
 
 class nnUNetTrainerSuperCL(SmallPatchPretraining, nnUNetTrainerCLBase):
@@ -54,7 +54,7 @@ class nnUNetTrainerSuperCL(SmallPatchPretraining, nnUNetTrainerCLBase):
       encoder_tap_stride, decoder_tap_stride   which feature maps ILCP contrasts (by their stride)
       n_labels, per_label           ILCP's sampling: supervoxels per image, voxels per supervoxel
       supervoxel_edge, compactness, downsample   the supervoxels (nnunet_cl.methods.supercl.defaults)
-      pretrain_batch_size           patches per step (None: the plans' batch, between 8 and 32)
+      pretrain_batch_size           patches per step (None: the two views fill the plans' batch's voxels; 4-32)
       pretrain_patch_size           None: the plans' patch of a pretraining plans variant, else half the
                                     fine-tuning patch (trainers/pretrain_patch.py)
       hidden_dim, projection_dim    the instance head C -> hidden -> projection; the dense heads C -> C -> projection
@@ -92,8 +92,14 @@ class nnUNetTrainerSuperCL(SmallPatchPretraining, nnUNetTrainerCLBase):
         return {k: getattr(self, k) for k in SUPERVOXEL_DEFAULTS}
 
     def get_pretrain_batch_size(self) -> int:
-        n = self.pretrain_batch_size or min(MAX_DEFAULT_SAMPLES,
-                                            max(MIN_SAMPLES_PER_STEP, int(self.configuration_manager.batch_size)))
+        """Patches per step on this rank. Default: as many as fit, with their two views, into the voxels of the
+        plans' fine-tuning batch (so a step costs about what nnU-Net's does), between 4 and 32; IGCP's graph gets
+        its other nodes from the queue."""
+        n = self.pretrain_batch_size
+        if not n:
+            budget = int(self.configuration_manager.batch_size) * int(np.prod(self.configuration_manager.patch_size))
+            n = budget // (2 * int(np.prod(self.get_pretrain_patch_size())))
+            n = min(MAX_DEFAULT_SAMPLES, max(MIN_DEFAULT_SAMPLES, n))
         return self.pretrain_batch_per_rank(n)
 
     def _stage_strides(self) -> list[list[int]]:

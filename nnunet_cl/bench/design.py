@@ -36,9 +36,12 @@ METHODS = {
         "clBenchCT": {**_SEPAREG_PINNED, "region_epochs": 2, "k": 4, "expert_epochs": 1, "distill_epochs": 2}}),
     "polycl": ("nnUNetTrainerPolyCLPretrain", {
         "clBench": {"pretrain_epochs": 8}, "clBenchQuick": {"pretrain_epochs": 6}, "clBenchCT": {"pretrain_epochs": 8}}),
-    # its supervoxels are computed once per pool case at the first start, outside the steps counted here
+    # its supervoxels are computed once per pool case at the first start, outside the steps counted here; 8 patches
+    # (16 views) per step pinned, as SimCLR's, for a graph of more than the queue (the default batch is smaller)
     "supercl": ("nnUNetTrainerSuperCLPretrain", {
-        "clBench": {"pretrain_epochs": 8}, "clBenchQuick": {"pretrain_epochs": 6}, "clBenchCT": {"pretrain_epochs": 8}}),
+        "clBench": {"pretrain_epochs": 8, "pretrain_batch_size": 8},
+        "clBenchQuick": {"pretrain_epochs": 6, "pretrain_batch_size": 8},
+        "clBenchCT": {"pretrain_epochs": 8, "pretrain_batch_size": 8}}),
 }
 # arm name -> pretraining trainer (its schedule class is '<trainer>_<schedule>'); None: no pretraining
 METHOD_ARMS = {arm: trainer for arm, (trainer, _) in METHODS.items()}
