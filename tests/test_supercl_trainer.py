@@ -68,6 +68,7 @@ def test_pretraining_computes_the_supervoxels_once(hippo, pretrain_run, staged_r
     cache = hippo["pre"] / "nnunet_cl_supercl" / "nnUNetPlans_3d_fullres"
     assert len(list(cache.glob("*.npz"))) == n_pool
     assert f"SuperCL supervoxels: {n_pool} case(s)" in pretrain_run.stdout
+    assert "epoch 0: step 1/2, " in pretrain_run.stdout and "left in this epoch" in pretrain_run.stdout
     assert "SuperCL supervoxels:" not in staged_run.stdout  # the staged run reuses the cache
     assert f"Pretraining pool: {n_pool} cases, 4 patches of" in staged_run.stdout
     ckpt = load_checkpoint_file(_fold(hippo, PRETRAINER) / "checkpoint_final.pth")

@@ -53,6 +53,7 @@ from nnunet_cl.paths import NnUNetCLError, save_json_atomic
 from nnunet_cl.processes import end_children_with_parent, exit_on_sigterm
 from nnunet_cl.safe_load import CorruptCheckpointError, load_checkpoint_file
 from nnunet_cl.plotting import plot_loss_terms
+from nnunet_cl.progress import StepProgress
 from nnunet_cl.pool import POOL_RECORD, list_pool, load_manifest, pool_identifiers
 from nnunet_cl_trainers.pool_data import PoolDataset, TwoViewDataLoader
 from nnunet_cl_trainers.seeding import augmenter_seed, seed_everything, seeded_augmenters
@@ -125,6 +126,9 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         # None: unseeded, as nnU-Net. An int seeds the initialisation, the patches and their augmentation: the run
         # repeats bit for bit on CPU with nnUNet_n_proc_DA 0 or 1 (trainers/seeding.py)
         self.training_seed = None
+        # a progress line (steps, rate, time left in the epoch) at most this often inside an epoch; None: off
+        self.progress_every_s = 60.0
+        self._progress = StepProgress()
         self._augmenters_built = 0  # each augmenter of a run draws from a stream of its own
         self.cl_modules: nn.ModuleDict | None = None
         self.train_modules: nn.Module | None = None  # TrainModules, DDP-wrapped in a distributed run
@@ -393,6 +397,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         self.lr_scheduler.step(stage_epoch)
         self.print_to_log_file("")
         self.print_to_log_file(f"Epoch {self.current_epoch} ({stage} epoch {stage_epoch})")
+        self._progress.every_s = self.progress_every_s
+        self._progress.start(self.num_iterations_per_epoch, f"epoch {self.current_epoch}")
         self.print_to_log_file(f"Current learning rate: {np.round(self.optimizer.param_groups[0]['lr'], decimals=5)}")
         self.logger.log("lrs", self.optimizer.param_groups[0]["lr"], self.current_epoch)
 
@@ -443,6 +449,9 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
             loss, terms = self.train_modules(self.step_losses, batch)  # one forward through the wrapped module
         self._backward_and_step(loss)
         self.on_after_step(batch, terms)
+        line = self._progress.step()
+        if line:
+            self.print_to_log_file(line)
         out = {"loss": loss.detach().cpu().numpy()}
         out.update({f"cl_{k}": v.detach().float().cpu().numpy() for k, v in terms.items()})
         if terms:

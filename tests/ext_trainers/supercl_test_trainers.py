@@ -7,6 +7,7 @@ from nnunet_cl_trainers.supercl import nnUNetTrainerSuperCL, nnUNetTrainerSuperC
 def _tiny(trainer):
     trainer.pretrain_epochs, trainer.pretrain_iterations_per_epoch = 2, 2
     trainer.pretrain_batch_size, trainer.queue_size = 4, 16
+    trainer.progress_every_s = 0  # a progress line after every step
 
 
 class nnUNetTrainerSuperCL_test(nnUNetTrainerSuperCL):
