@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -126,15 +127,15 @@ def unlearned_structures(scores: dict[str, dict], label_names: dict | None = Non
 
 def way_on(env: dict, work: Path, dataset: Path, trainer: str = NEXT_TRAINER) -> str:
     """The exact lines that go on by hand with the demo's dataset: its nnU-Net folders, then train, predict, export."""
-    d = str(DEMO_ID)
-    exports = " ".join(f"{k}={env[k]}" for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
-                                                 "nnUNet_extTrainer"))
-    pred, model = work / "my_predictions", work / "my_model_for_stock_nnunet"
+    d, q = str(DEMO_ID), shlex.quote
+    exports = " ".join(f"{k}={q(env[k])}" for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                                    "nnUNet_extTrainer"))
+    pred, model = q(str(work / "my_predictions")), q(str(work / "my_model_for_stock_nnunet"))
     return "\n".join([
         "To go on by hand with this dataset (another method, longer schedules, your own data later):",
         f"  export {exports}",
         f"  nnUNetv2_train {d} 3d_fullres 0 -tr {trainer} -device cpu",
-        f"  nnUNetv2_predict -i {dataset / 'imagesTs'} -o {pred} -d {d} -c 3d_fullres -tr {trainer} -f 0 -device cpu",
+        f"  nnUNetv2_predict -i {q(str(dataset / 'imagesTs'))} -o {pred} -d {d} -c 3d_fullres -tr {trainer} -f 0 -device cpu",
         f"  nnUNetv2_cl_export -d {d} -tr {trainer} -c 3d_fullres -o {model}"])
 
 
@@ -163,6 +164,10 @@ def main(argv=None):
     env["nnUNet_extTrainer"] = ext_trainer_path()
     env.setdefault("nnUNet_compile", "0")
     env.setdefault("nnUNet_n_proc_DA", "1")  # one worker per augmenter: batches in a fixed order (repeatable)
+    if env["nnUNet_n_proc_DA"] not in ("0", "1"):
+        print(f"Note: nnUNet_n_proc_DA={env['nnUNet_n_proc_DA']} is set: with several augmentation workers nnU-Net "
+              f"takes batches in the order they finish, so the same --seed does not repeat the table exactly "
+              f"(unset it, or set it to 1, for that).", flush=True)
     env[SEED_ENV] = str(args.seed)
     env["PYTHONUNBUFFERED"] = "1"  # nnU-Net's epoch lines reach the console as they are printed
     env.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net spawns 8 export workers by default: slow on 2 cores

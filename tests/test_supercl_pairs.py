@@ -15,11 +15,39 @@ def _blocks(b=2, side=16, block=4) -> torch.Tensor:
     return torch.stack([ids + 1000 * i for i in range(b)])
 
 
-def test_grid_labels_reads_block_centres():
+def test_grid_labels_reads_the_centres_of_the_feature_voxels():
     labels = torch.arange(16).view(1, 4, 4)
-    assert grid_labels(labels, (2, 2)).tolist() == [[[5, 7], [13, 15]]]
+    assert grid_labels(labels, (2, 2)).tolist() == [[[0, 2], [8, 10]]]  # a stride-2 conv's voxel j sees 2j
+    # mirrored along the last axis and back: feature voxel j is centred on 2j + 1 there
+    assert grid_labels(labels, (2, 2), torch.tensor([[False, True]])).tolist() == [[[1, 3], [9, 11]]]
     with pytest.raises(ValueError, match="does not divide"):
         grid_labels(labels, (3, 2))
+
+
+@pytest.mark.parametrize("stride", [2, 4])
+def test_grid_labels_follow_nnunets_downsampling_in_both_views(stride):
+    """A voxel's value read by strided, padded 3^3 convolutions (nnU-Net's downsampling, here with only the
+    centre tap) equals the label grid_labels gives, for a plain view and for a view mirrored and mirrored back."""
+    from nnunet_cl.views import flip_view, unflip
+    conv = torch.nn.Conv3d(1, 1, 3, stride=2, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 1, 1, 1] = 1.0
+
+    def features(x):
+        for _ in range(stride // 2):
+            x = conv(x)
+        return x
+
+    labels = torch.randperm(3 * 16 ** 3).view(3, 16, 16, 16)
+    x = labels[:, None].double()
+    conv.double()
+    grid = (16 // stride,) * 3
+    with torch.no_grad():
+        assert torch.equal(features(x)[:, 0].long(), grid_labels(labels, grid))
+        flipped, flips = flip_view(x, None, torch.Generator().manual_seed(stride), p=0.5)
+        assert bool(flips.any()) and not bool(flips.all())
+        assert torch.equal(unflip(features(flipped), flips)[:, 0].long(), grid_labels(labels, grid, flips))
 
 
 def test_asp_returns_piecewise_constant_features_in_mean_mode():
@@ -98,6 +126,19 @@ def test_ilcp_is_lower_for_the_true_supervoxels_than_for_shuffled_ones():
     shuffled = ilcp_loss(f1, f2, shuffled_ids.view_as(labels), n_labels=32, per_label=8,
                          generator=torch.Generator().manual_seed(1))
     assert float(true) < 0.5 * float(shuffled), (float(true), float(shuffled))
+
+
+def test_ilcp_reads_view_2_with_its_own_labels():
+    """View 2's features follow a map shifted by 2 voxels (a mirrored view's offset): with that map as labels2 the
+    loss is lower than when view 1's labels are used for both."""
+    labels = _blocks(2, 16, 4)
+    shifted = torch.roll(labels, 2, dims=3)
+    f1, _ = _aligned_views(labels)
+    _, f2 = _aligned_views(shifted)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    own = ilcp_loss(f1, f2, labels, n_labels=32, per_label=8, generator=g(), labels2=shifted)
+    same = ilcp_loss(f1, f2, labels, n_labels=32, per_label=8, generator=g())
+    assert float(own) < 0.8 * float(same), (float(own), float(same))
 
 
 def test_ilcp_never_samples_outside_the_body_and_caps_per_supervoxel(monkeypatch):

@@ -24,7 +24,6 @@ from torch import nn
 from nnunet_cl.case_cache import PreprocessedCaseLoader
 from nnunet_cl.distributed import gather_with_grad, rank, shard, world_size
 from nnunet_cl.heads import dense_projection_head, pooled_embedding, pooled_projection_heads
-from nnunet_cl.losses import info_nce_two_views
 from nnunet_cl.methods.supercl.cache import build_supervoxel_cache
 from nnunet_cl.methods.supercl.defaults import CACHE_FOLDER, SUPERVOXEL_DEFAULTS
 from nnunet_cl.methods.supercl.losses import ilcp_loss, masked_rows_loss
@@ -71,7 +70,7 @@ class nnUNetTrainerSuperCL(SmallPatchPretraining, nnUNetTrainerCLBase):
         self.instance_term = "simclr"
         self.position_threshold = 0.1
         self.asp_mode = "mean"
-        self.ccl_other_samples_only = False
+        self.ccl_other_samples_only = True
         self.queue_size = 128
         self.encoder_tap_stride = 4
         self.decoder_tap_stride = 2
@@ -166,8 +165,7 @@ class nnUNetTrainerSuperCL(SmallPatchPretraining, nnUNetTrainerCLBase):
             "local_enc": dense_projection_head(channels[enc], self.projection_dim, conv_op),
             "local_dec": dense_projection_head(channels[len(channels) - 2 - dec], self.projection_dim, conv_op),
             "queue": FifoQueue(self.queue_size, embedding=((self.projection_dim,), float_type),
-                               asp=((self.asp_length(),), float_type), sample=((), torch.long),
-                               position=((), float_type)),
+                               asp=((self.asp_length(),), float_type), sample=((), torch.long)),
         })
 
     # ---------------------------------------------------------------- data
@@ -251,23 +249,27 @@ class nnUNetTrainerSuperCL(SmallPatchPretraining, nnUNetTrainerCLBase):
         b = sv.shape[0]
         enc, dec = self.tap_stages()
         _, feats = self.forward_features(views, encoder=(enc, -1), decoder=(dec,), with_output=False)
+
+        def view_labels(shape):  # each view's supervoxel ids at the centres of its feature voxels
+            return grid_labels(sv, shape), grid_labels(sv, shape, flips)
+
         terms = {}
         if self.w_intra:
             per_tap = []
             for t, (head, key) in enumerate((("local_enc", f"enc{enc}"), ("local_dec", f"dec{dec}"))):
                 f = self.cl_modules[head](feats[key])
                 f1, f2 = f[:b], unflip(f[b:], flips)
-                labels = grid_labels(sv, f.shape[2:])
+                lab1, lab2 = view_labels(f.shape[2:])
+                # per image, with its own seed; an image without a pair counts as 0, so ranks stay exact
                 per_tap.append(torch.stack([
-                    ilcp_loss(f1[i:i + 1], f2[i:i + 1], labels[i:i + 1], self.n_labels, self.per_label,
+                    ilcp_loss(f1[i:i + 1], f2[i:i + 1], lab1[i:i + 1], self.n_labels, self.per_label,
                               self.temperature, self.base_temperature,
-                              torch.Generator().manual_seed(int(seeds[i]) + 1 + t)) for i in range(b)]).mean())
+                              torch.Generator().manual_seed(int(seeds[i]) + 1 + t), lab2[i:i + 1])
+                    for i in range(b)]).mean())
             terms["intra"] = self.w_intra * torch.stack(per_tap).mean()
 
         z = pooled_embedding(self.cl_modules["instance"], feats["enc-1"])  # (2b, D): [view 1; view 2]
-        if self.w_ins and self.instance_term == "simclr":
-            terms["ins"] = self.w_ins * info_nce_two_views(z[:b], z[b:], self.temperature, gather=self.is_ddp)
-        if not (self.w_inter or (self.w_ins and self.instance_term == "position")):
+        if not (self.w_ins or self.w_inter):
             return terms
         # the step's nodes of every rank, [view 1 of all ranks; view 2 of all ranks] (as one process would order
         # them); this rank's anchors are rows r*b + i and W*b + r*b + i
@@ -275,26 +277,28 @@ class nnUNetTrainerSuperCL(SmallPatchPretraining, nnUNetTrainerCLBase):
         nodes = torch.cat([gather_with_grad(z[:b]), gather_with_grad(z[b:])])
         rows = torch.cat([torch.arange(b) + r * b, torch.arange(b) + w * b + r * b]).to(z.device)
         queue = self.cl_modules["queue"]
-        with torch.no_grad():
-            enc_map = feats[f"enc{enc}"].detach()
-            lab = grid_labels(sv, enc_map.shape[2:])
-            asp = [average_supervoxel_map(m, lab, self.asp_mode).flatten(1) for m in (enc_map[:b],
-                                                                                  unflip(enc_map[b:], flips))]
-            asp = torch.cat([gather_with_grad(a) for a in asp])
-            sample = (int(queue.pushed) // 2 + torch.arange(w * b, device=z.device)).repeat(2)
-            position = gather_with_grad(batch["position"].to(z.device, z.dtype)).repeat(2)
-        if self.w_ins and self.instance_term == "position":
-            pos = position_mask(position, self.position_threshold) | (sample[:, None] == sample[None, :])
+        sample = (int(queue.pushed) // 2 + torch.arange(w * b, device=z.device)).repeat(2)
+        if self.w_ins:  # SimCLR: the other view is the positive; "position": and patches at close positions
+            pos = sample[:, None] == sample[None, :]
+            if self.instance_term == "position":
+                with torch.no_grad():
+                    position = gather_with_grad(batch["position"].to(z.device, torch.float32)).repeat(2)
+                pos = pos | position_mask(position, self.position_threshold)
             terms["ins"] = self.w_ins * masked_rows_loss(z, nodes, pos[rows], rows, self.temperature,
                                                          self.base_temperature)
         if self.w_inter:
+            with torch.no_grad():
+                enc_map = feats[f"enc{enc}"].detach()
+                lab1, lab2 = view_labels(enc_map.shape[2:])
+                asp = torch.cat([gather_with_grad(average_supervoxel_map(m, lab, self.asp_mode).flatten(1))
+                                 for m, lab in ((enc_map[:b], lab1), (unflip(enc_map[b:], flips), lab2))])
             past = queue.items()
             keys = torch.cat([nodes, past["embedding"].to(nodes.dtype)])
             mask = component_mask(torch.cat([asp, past["asp"].to(asp.dtype)]), torch.cat([sample, past["sample"]]),
                                   self.ccl_other_samples_only)
             terms["inter"] = self.w_inter * masked_rows_loss(z, keys, mask[rows], rows, self.temperature,
                                                              self.base_temperature)
-            self._nodes = {"embedding": nodes.detach(), "asp": asp, "sample": sample, "position": position}
+            self._nodes = {"embedding": nodes.detach(), "asp": asp, "sample": sample}
             own = mask[rows]
             self._stats.append((float(own.sum(1).float().mean()) - 1, own.shape[1]))
         return terms

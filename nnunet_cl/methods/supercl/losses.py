@@ -34,12 +34,14 @@ def _sample_image(labels: torch.Tensor, n_labels: int, per_label: int, generator
 
 def ilcp_loss(f1: torch.Tensor, f2: torch.Tensor, labels: torch.Tensor, n_labels: int = 64, per_label: int = 8,
               temperature: float = 0.1, base_temperature: float | None = 0.07,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, labels2: torch.Tensor | None = None) -> torch.Tensor:
     r"""ILCP, the intra-image local term.
 
     For each image b, K voxels v_1..v_K are drawn (``n_labels`` supervoxels chosen uniformly, at most
     ``per_label`` voxels each, so large supervoxels do not dominate); the 2K anchors are the projected features
-    of both views at those voxels, z = [f1_b(v_k); f2_b(v_k)], with label y = supervoxel id, and
+    of both views at those voxels, z = [f1_b(v_k); f2_b(v_k)], with label y = the supervoxel id each view's
+    feature voxel is centred on (``labels`` for view 1, ``labels2`` for view 2; voxels where view 2 sees the
+    outside are dropped), and
 
         L_b = masked_supcon(z, positives = {same supervoxel id}, tau, tau_b),    L = mean_b L_b
 
@@ -49,6 +51,7 @@ def ilcp_loss(f1: torch.Tensor, f2: torch.Tensor, labels: torch.Tensor, n_labels
     Args:
         f1, f2: (B, C, *S) projected feature maps of two voxel-aligned views.
         labels: (B, *S) supervoxel ids at the feature grid (:func:`~.pairs.grid_labels`), 0 = outside the body.
+        labels2: the same for view 2 when it differs (a view mirrored and mirrored back); default ``labels``.
         n_labels, per_label: the sampling budget per image (at most n_labels * per_label voxels per view).
         temperature, base_temperature: tau and tau_b (the loss is scaled by tau / tau_b; None: 1).
         generator: optional torch.Generator for the voxel draw.
@@ -56,16 +59,20 @@ def ilcp_loss(f1: torch.Tensor, f2: torch.Tensor, labels: torch.Tensor, n_labels
     Returns:
         scalar; a zero attached to the graph when no image has a positive.
     """
-    if f1.shape != f2.shape or f1.shape[0] != labels.shape[0] or f1.shape[2:] != labels.shape[1:]:
-        raise ValueError(f"f1 {tuple(f1.shape)}, f2 {tuple(f2.shape)} and labels {tuple(labels.shape)} do not match")
+    labels2 = labels if labels2 is None else labels2
+    if f1.shape != f2.shape or f1.shape[0] != labels.shape[0] or f1.shape[2:] != labels.shape[1:] \
+            or labels2.shape != labels.shape:
+        raise ValueError(f"f1 {tuple(f1.shape)}, f2 {tuple(f2.shape)} and labels {tuple(labels.shape)} / "
+                         f"{tuple(labels2.shape)} do not match")
     losses = []
     for b in range(f1.shape[0]):
-        lab = labels[b].reshape(-1)
+        lab, lab2 = labels[b].reshape(-1), labels2[b].reshape(-1)
         idx = _sample_image(lab, n_labels, per_label, generator)
+        idx = idx[lab2[idx] != 0]
         if idx.numel() < 2:
             continue
         z = torch.cat([f1[b].reshape(f1.shape[1], -1)[:, idx].T, f2[b].reshape(f2.shape[1], -1)[:, idx].T])
-        y = lab[idx].repeat(2)
+        y = torch.cat([lab[idx], lab2[idx]])
         losses.append(masked_supcon(z, labels=y, temperature=temperature, base_temperature=base_temperature))
     if not losses:
         return (f1.sum() + f2.sum()) * 0.0

@@ -1,6 +1,6 @@
 """SuperCL's pair generation (METHODS_SPEC §2), plain torch / scipy: which samples and voxels are positives.
 
-* :func:`grid_labels` -- a voxel-level supervoxel map read at a feature map's grid (nearest, block centres);
+* :func:`grid_labels` -- a voxel-level supervoxel map read at the centres of a feature map's voxels, per view;
 * :func:`average_supervoxel_map` -- ASP: every voxel of a (channel-mean) feature map replaced by its supervoxel's
   average;
 * :func:`component_mask` -- CCL: connected components of the top-1 cosine-similarity graph of the ASP vectors,
@@ -20,11 +20,17 @@ __all__ = ["grid_labels", "average_supervoxel_map", "component_mask", "position_
 ASP_MODES = ("mean", "area")
 
 
-def grid_labels(labels: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """(B, *S) integer labels at full resolution -> (B, *shape): label of the centre voxel of each block.
+def grid_labels(labels: torch.Tensor, shape: Sequence[int], flips: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, *S) integer labels at full resolution -> (B, *shape): the label at the centre of each feature voxel.
 
-    The feature map's stride along axis a is ``S_a / shape_a`` (an integer for nnU-Net's U-Net, whose patch is
-    divisible by every stage's stride); voxel i of the grid reads full-resolution voxel ``i * s + s // 2``.
+    The feature map's stride along axis a is ``s = S_a / shape_a`` (an integer for nnU-Net's U-Net, whose patch is
+    divisible by every stage's stride). nnU-Net downsamples with stride-s convolutions padded to the kernel's
+    half width, so feature voxel j of an input is centred on input voxel ``s * j``; that label is read.
+
+    flips: (B, ndim) bool, for a view that was mirrored (``nnunet_cl.views.flip_view``) before the network and
+    whose feature map was mirrored back (``unflip``): its feature voxel j is centred on voxel ``s * j + s - 1``
+    along a mirrored axis. The labels are mirrored, read and mirrored back the same way, so each view gets the
+    labels its own features see.
     """
     if labels.dim() != len(shape) + 1:
         raise ValueError(f"labels must be (B, *spatial) with {len(shape)} spatial axes; got {tuple(labels.shape)}")
@@ -32,9 +38,11 @@ def grid_labels(labels: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     for full, small in zip(labels.shape[1:], shape):
         if full % small:
             raise ValueError(f"feature grid {tuple(shape)} does not divide the label map {tuple(labels.shape[1:])}")
-        s = full // small
-        index.append(slice(s // 2, None, s))
-    return labels[(slice(None), *index)]
+        index.append(slice(0, None, full // small))
+    if flips is None:
+        return labels[(slice(None), *index)]
+    from nnunet_cl.views import unflip  # mirroring is its own inverse
+    return unflip(unflip(labels[:, None], flips)[(slice(None), slice(None), *index)], flips)[:, 0]
 
 
 def average_supervoxel_map(features: torch.Tensor, labels: torch.Tensor, mode: str = "mean") -> torch.Tensor:
