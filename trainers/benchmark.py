@@ -50,8 +50,9 @@ class nnUNetTrainer_clBench(nnUNetTrainer):
     - it is seeded (`training_seed`, default: the fold). The benchmark gives every arm the same fold for the same
       (k, seed), so all arms start from the same random segmentation layers, see the same patches in the same
       order with the same augmentation, and differ only in the weights `-pretrained_weights` transfers: encoder and
-      decoder, the latter being the pretraining run's own random initialisation, as every method here trains only
-      the encoder (paired runs: less noise between arms). With
+      decoder (the decoder is the pretraining run's own random initialisation for the methods that train only the
+      encoder; SuperCL's decoder tap trains the decoder's deeper stages too) (paired runs: less noise between
+      arms). With
       nnUNet_n_proc_DA = 1 (the benchmark's default) or 0 the run is repeatable on CPU; with more workers nnU-Net
       takes batches in whichever order the workers deliver them. A run resumed with --c continues on a stream
       of its own (`augmenter_seed`): it is paired with another run only up to the epoch where it resumed;

@@ -48,7 +48,8 @@ class nnUNetTrainerSuperCL(SmallPatchPretraining, nnUNetTrainerCLBase):
       instance_term                 "simclr" (two views, every other patch a negative) or "position" (patches
                                     whose centres lie within position_threshold along axis 0 are positives)
       asp_mode                      "mean" (the supervoxel average) or "area" (the authors' division by the map)
-      ccl_other_samples_only        the top-1 neighbour of a node is searched among other patches only
+      ccl_other_samples_only        the top-1 neighbour of a node is searched among other patches only (True; the
+                                    authors' graph, False, linked each view to its own other view only)
       queue_size                    past patches (both views) kept for IGCP's graph and contrast set
       encoder_tap_stride, decoder_tap_stride   which feature maps ILCP contrasts (by their stride)
       n_labels, per_label           ILCP's sampling: supervoxels per image, voxels per supervoxel
