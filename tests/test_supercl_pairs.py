@@ -103,6 +103,25 @@ def test_ccl_other_samples_only_searches_other_samples():
     sample = torch.tensor([0, 0, 1, 1])
     assert not bool(component_mask(x, sample)[0, 2])  # each node's own other view is its top-1
     assert bool(component_mask(x, sample, other_samples_only=True).all())  # forced to look elsewhere
+    with pytest.raises(ValueError, match="sample index"):
+        component_mask(x, other_samples_only=True)
+
+
+def test_ccl_over_samples_keeps_clusters_apart_and_components_small():
+    x, cluster = _clusters()
+    sample = torch.arange(x.shape[0]) // 2
+    mask = component_mask(x, sample, other_samples_only=True)
+    assert torch.equal(mask, mask.T) and bool((mask.float() @ mask.float() > 0).eq(mask).all())
+    assert bool(mask[sample[:, None] == sample[None, :]].all())
+    assert not bool(mask[cluster[:, None] != cluster[None, :]].any())
+    # near-copies of the two views of 64 unrelated samples: every sample has another sample as positive, and no
+    # giant component (linking each view to another sample's node instead joined all of them)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 32, generator=g)
+    views = base.repeat_interleave(2, 0) + 0.01 * torch.randn(128, 32, generator=g)
+    mask = component_mask(views, torch.arange(128) // 2, other_samples_only=True)
+    sizes = mask.sum(1)
+    assert int(sizes.min()) >= 4 and int(sizes.max()) <= 32, sizes.unique()
 
 
 def test_position_mask():

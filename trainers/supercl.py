@@ -48,8 +48,10 @@ class nnUNetTrainerSuperCL(SmallPatchPretraining, nnUNetTrainerCLBase):
       instance_term                 "simclr" (two views, every other patch a negative) or "position" (patches
                                     whose centres lie within position_threshold along axis 0 are positives)
       asp_mode                      "mean" (the supervoxel average) or "area" (the authors' division by the map)
-      ccl_other_samples_only        the top-1 neighbour of a node is searched among other patches only (True; the
-                                    authors' graph, False, linked each view to its own other view only)
+      ccl_other_samples_only        CCL's graph over patches, each linked to its most similar other patch (True);
+                                    False: the authors' graph over views (a view's top-1 may be its own other view)
+      ccl_center                    CCL's cosines of the ASP vectors' deviations from their mean (True), which
+                                    keeps a few hub nodes from joining most patches in one component
       queue_size                    past patches (both views) kept for IGCP's graph and contrast set
       encoder_tap_stride, decoder_tap_stride   which feature maps ILCP contrasts (by their stride)
       n_labels, per_label           ILCP's sampling: supervoxels per image, voxels per supervoxel
@@ -72,6 +74,7 @@ class nnUNetTrainerSuperCL(SmallPatchPretraining, nnUNetTrainerCLBase):
         self.position_threshold = 0.1
         self.asp_mode = "mean"
         self.ccl_other_samples_only = True
+        self.ccl_center = True
         self.queue_size = 128
         self.encoder_tap_stride = 4
         self.decoder_tap_stride = 2
@@ -296,7 +299,7 @@ class nnUNetTrainerSuperCL(SmallPatchPretraining, nnUNetTrainerCLBase):
             past = queue.items()
             keys = torch.cat([nodes, past["embedding"].to(nodes.dtype)])
             mask = component_mask(torch.cat([asp, past["asp"].to(asp.dtype)]), torch.cat([sample, past["sample"]]),
-                                  self.ccl_other_samples_only)
+                                  self.ccl_other_samples_only, self.ccl_center)
             terms["inter"] = self.w_inter * masked_rows_loss(z, keys, mask[rows], rows, self.temperature,
                                                              self.base_temperature)
             self._nodes = {"embedding": nodes.detach(), "asp": asp, "sample": sample}

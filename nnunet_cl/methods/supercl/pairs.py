@@ -3,8 +3,8 @@
 * :func:`grid_labels` -- a voxel-level supervoxel map read at the centres of a feature map's voxels, per view;
 * :func:`average_supervoxel_map` -- ASP: every voxel of a (channel-mean) feature map replaced by its supervoxel's
   average;
-* :func:`component_mask` -- CCL: connected components of the top-1 cosine-similarity graph of the ASP vectors,
-  both views of an image joined; the positive mask of the inter-image term;
+* :func:`component_mask` -- CCL: connected components of a top-1 cosine-similarity graph of the ASP vectors
+  (over nodes, as the authors, or over samples), both views of an image joined; the inter-image positives;
 * :func:`position_mask` -- the positional instance term's positives (|position_i - position_j| < threshold).
 """
 from __future__ import annotations
@@ -87,51 +87,73 @@ def average_supervoxel_map(features: torch.Tensor, labels: torch.Tensor, mode: s
 
 
 def component_mask(vectors: torch.Tensor, sample: torch.Tensor | None = None,
-                   other_samples_only: bool = False) -> torch.Tensor:
-    """CCL: (N, N) bool positive mask from the connected components of the top-1 similarity graph.
+                   other_samples_only: bool = False, center: bool = False) -> torch.Tensor:
+    """CCL: (N, N) bool positive mask from the connected components of a top-1 similarity graph.
 
-    Each node (row of ``vectors``, e.g. a flattened ASP map) links to its most cosine-similar other node; the
-    components of that graph (weakly connected, scipy) are the positive sets. Nodes of one ``sample`` (the two
-    views of an image) are linked as well, so they are always positives and the mask stays an equivalence
-    relation: symmetric, reflexive (the diagonal is True; ``masked_supcon`` drops it) and transitive.
+    The authors' graph (``other_samples_only=False``): each node (row of ``vectors``, e.g. a flattened ASP map)
+    links to its most cosine-similar other node. Nodes of one ``sample`` (the two views of an image) are linked
+    as well, so they are always positives.
+
+    ``other_samples_only=True`` (needs ``sample``): the graph is over samples. Each sample is the mean of its
+    nodes' normalised vectors and links to its most similar *other* sample; a node's component is its sample's.
+    Each component then holds at least two samples (benchmarks/supercl_ccl_components.py measures the sizes on
+    real patches).
+
+    The components (weakly connected, scipy) are the positive sets; the mask is an equivalence relation:
+    symmetric, reflexive (the diagonal is True; ``masked_supcon`` drops it) and transitive.
 
     Args:
         vectors: (N, L) float; computed under no_grad by the caller (the mask is not differentiated).
         sample: optional (N,) sample index of each node.
-        other_samples_only: pick each node's top-1 among other samples' nodes only (the authors' graph includes
-            the node's own other view, which is usually its nearest neighbour).
+        other_samples_only: the graph over samples, each linked to its most similar other sample.
+        center: subtract the nodes' mean vector before the cosine. ASP maps of different patches share a large
+            common part (the layout every patch has); raw cosines then make a few nodes everybody's top-1 (hubs)
+            and join most nodes in one component.
 
     Returns:
         (N, N) bool tensor on ``vectors``' device.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     n = vectors.shape[0]
     if vectors.dim() != 2 or n == 0:
         raise ValueError(f"vectors must be (N, L) with N >= 1; got {tuple(vectors.shape)}")
-    v = F.normalize(vectors.detach().float(), dim=1)
-    sim = v @ v.T
-    sim.fill_diagonal_(-float("inf"))
-    if other_samples_only and sample is not None:
-        sim = sim.masked_fill(sample[:, None] == sample[None, :], -float("inf"))
-    rows = np.arange(n)
-    cols = sim.argmax(1).cpu().numpy() if n > 1 else rows
-    linked = np.isfinite(sim[rows, cols].cpu().numpy()) if n > 1 else np.zeros(1, bool)
-    src, dst = [rows[linked]], [cols[linked]]
-    if sample is not None:
-        s = sample.cpu().numpy()
-        first = {}
-        for i, si in enumerate(s.tolist()):  # chain each sample's nodes to its first node
-            j = first.setdefault(si, i)
-            if j != i:
+    if other_samples_only and sample is None:
+        raise ValueError("other_samples_only needs the sample index of each node")
+    v = vectors.detach().float()
+    if center:  # the cosine of the deviations from the nodes' mean: a component every vector shares is ignored
+        v = v - v.mean(0, keepdim=True)
+    v = F.normalize(v, dim=1)
+    if other_samples_only:
+        _, node_of = torch.unique(sample, return_inverse=True)  # node -> its sample, 0..M-1
+        m = int(node_of.max()) + 1
+        per_sample = F.normalize(v.new_zeros(m, v.shape[1]).index_add_(0, node_of, v), dim=1)
+        comp = _components(m, np.arange(m), _top1(per_sample))[node_of.cpu().numpy()]
+    else:
+        src, dst = [np.arange(n)], [_top1(v)]
+        if sample is not None:  # chain each sample's nodes to its first node
+            first = {}
+            for i, si in enumerate(sample.cpu().tolist()):
                 src.append(np.array([i]))
-                dst.append(np.array([j]))
-    src, dst = np.concatenate(src), np.concatenate(dst)
-    graph = coo_matrix((np.ones(src.size), (src, dst)), shape=(n, n))
-    _, comp = connected_components(graph, directed=True, connection="weak")
+                dst.append(np.array([first.setdefault(si, i)]))
+        comp = _components(n, np.concatenate(src), np.concatenate(dst))
     comp = torch.as_tensor(comp, device=vectors.device)
     return comp[:, None] == comp[None, :]
+
+
+def _top1(v: torch.Tensor) -> np.ndarray:
+    """Index of each normalised row's most similar other row (itself when it is alone)."""
+    if v.shape[0] == 1:
+        return np.zeros(1, dtype=np.int64)
+    sim = v @ v.T
+    sim.fill_diagonal_(-float("inf"))
+    return sim.argmax(1).cpu().numpy()
+
+
+def _components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Weakly connected component label of each of n nodes of the graph with edges src -> dst (scipy)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    graph = coo_matrix((np.ones(src.size), (src, dst)), shape=(n, n))
+    return connected_components(graph, directed=True, connection="weak")[1]
 
 
 def position_mask(position: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
