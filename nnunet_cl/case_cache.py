@@ -6,7 +6,7 @@ supervoxels):
 * :class:`PreprocessedCaseLoader` -- one channel of a preprocessed case and its (plans) spacing, picklable;
 * :func:`preprocessed_cases` -- the labeled dataset's preprocessed images and the ingested pool cases;
 * :func:`save_npz_atomic`, :func:`stored_key` -- writes that never leave a truncated file, and the key that
-  says with which parameters a file was made;
+  says with which parameters a file was made; :func:`pending_cases` -- which cases a rerun must (re)compute;
 * :func:`run_case_jobs` -- run jobs in parallel over cases with a progress bar.
 """
 from __future__ import annotations
@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import warnings
 from glob import glob
 from os.path import basename, dirname, isfile, join
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["PreprocessedCaseLoader", "spacing_from_plans", "plans_configuration", "preprocessed_cases", "save_npz_atomic", "stored_key",
-           "run_case_jobs", "check_cache_folder"]
+__all__ = ["PreprocessedCaseLoader", "spacing_from_plans", "plans_configuration", "preprocessed_cases", "save_npz_atomic",
+           "stored_key", "pending_cases", "run_case_jobs", "check_cache_folder"]
 
 
 def spacing_from_plans(folder: str) -> list[float]:
@@ -120,6 +121,25 @@ def stored_key(path: str, key: str) -> bool | None:
             return str(f["cache_key"]) == key
     except Exception:
         return None
+
+
+def pending_cases(cases: Sequence[tuple[str, object]], path_of: Callable[[str], str], key: str,
+                  what: str) -> tuple[list[tuple[str, object]], list[str]]:
+    """Split ``(case_id, spec)`` pairs into those to compute (missing, unreadable, or cached with another key;
+    the last are warned about, naming ``what``) and the ids already cached with ``key``."""
+    todo, skipped, stale = [], [], []
+    for case_id, spec in cases:
+        state = stored_key(path_of(str(case_id)), key)
+        if state:
+            skipped.append(str(case_id))
+            continue
+        if state is False:
+            stale.append(str(case_id))
+        todo.append((str(case_id), spec))
+    if stale:
+        warnings.warn(f"{what}: {len(stale)} cached case(s) were made with other parameters and are recomputed "
+                      f"(e.g. {stale[:3]})", RuntimeWarning, stacklevel=3)
+    return todo, skipped
 
 
 def check_cache_folder(out_folder: str, cache_folder_name: str) -> None:

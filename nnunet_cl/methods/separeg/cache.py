@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from glob import glob
 from os.path import basename, isfile, join
@@ -26,8 +25,8 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from nnunet_cl.case_cache import (PreprocessedCaseLoader, check_cache_folder, run_case_jobs, save_npz_atomic,
-                                  stored_key)
+from nnunet_cl.case_cache import (PreprocessedCaseLoader, check_cache_folder, pending_cases, run_case_jobs,
+                                  save_npz_atomic)
 
 from .defaults import CACHE_FOLDER
 from .separation import separate_case
@@ -111,18 +110,8 @@ def build_region_cache(cases: Sequence[tuple[str, CaseSpec]], out_folder: str, n
     os.makedirs(out_folder, exist_ok=True)
     check_cache_folder(out_folder, CACHE_FOLDER)
     key = _params_key(separation_kwargs, crop_dtype)
-    jobs, skipped, stale = [], [], []
-    for case_id, spec in cases:
-        state = stored_key(cache_path(out_folder, str(case_id)), key)
-        if state:
-            skipped.append(str(case_id))
-            continue
-        if state is False:
-            stale.append(str(case_id))
-        jobs.append((str(case_id), _as_loader(spec), out_folder, crop_dtype, key, dict(separation_kwargs)))
-    if stale:
-        warnings.warn(f"build_region_cache: {len(stale)} cached case(s) were made with other parameters and are "
-                      f"recomputed (e.g. {stale[:3]})", RuntimeWarning, stacklevel=2)
+    todo, skipped = pending_cases(cases, lambda c: cache_path(out_folder, c), key, "build_region_cache")
+    jobs = [(case_id, _as_loader(spec), out_folder, crop_dtype, key, dict(separation_kwargs)) for case_id, spec in todo]
     n_regions = dict(run_case_jobs(_compute_one, jobs, num_processes, "SepaReg separation", progress))
     return {"computed": [j[0] for j in jobs], "skipped": skipped, "n_regions": n_regions}
 

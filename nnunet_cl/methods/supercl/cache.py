@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from os.path import join
 from typing import Callable, Sequence
 
 import numpy as np
 
-from nnunet_cl.case_cache import PreprocessedCaseLoader, check_cache_folder, run_case_jobs, save_npz_atomic, stored_key
+from nnunet_cl.case_cache import (PreprocessedCaseLoader, check_cache_folder, pending_cases, run_case_jobs,
+                                  save_npz_atomic)
 from nnunet_cl.regions.supervoxels import body_mask, supervoxels
 
 from .defaults import CACHE_FOLDER, SUPERVOXEL_DEFAULTS
@@ -82,19 +82,9 @@ def build_supervoxel_cache(cases: Sequence[tuple[str, Callable | tuple]], out_fo
     os.makedirs(out_folder, exist_ok=True)
     check_cache_folder(out_folder, CACHE_FOLDER)
     key = _params_key(params)
-    jobs, skipped, stale = [], [], []
-    for case_id, spec in cases:
-        state = stored_key(cache_path(out_folder, str(case_id)), key)
-        if state:
-            skipped.append(str(case_id))
-            continue
-        if state is False:
-            stale.append(str(case_id))
-        loader = spec if callable(spec) else PreprocessedCaseLoader(*spec)
-        jobs.append((str(case_id), loader, out_folder, key, params))
-    if stale:
-        warnings.warn(f"build_supervoxel_cache: {len(stale)} cached case(s) were made with other parameters and are "
-                      f"recomputed (e.g. {stale[:3]})", RuntimeWarning, stacklevel=2)
+    todo, skipped = pending_cases(cases, lambda c: cache_path(out_folder, c), key, "build_supervoxel_cache")
+    jobs = [(case_id, spec if callable(spec) else PreprocessedCaseLoader(*spec), out_folder, key, params)
+            for case_id, spec in todo]
     n = dict(run_case_jobs(_compute_one, jobs, num_processes, "SuperCL supervoxels", progress))
     return {"computed": [j[0] for j in jobs], "skipped": skipped, "n_supervoxels": n}
 
