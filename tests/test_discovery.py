@@ -82,7 +82,8 @@ def test_no_name_clash_with_nnunet(name):
 # the standard library and the core dependencies nnU-Net itself needs
 ALLOWED_TOP_LEVEL = set(sys.stdlib_module_names) | {
     "torch", "numpy", "nnunetv2", "nnunet_cl", "nnunet_cl_trainers", "batchgenerators", "acvl_utils",
-    "threadpoolctl"}
+    "threadpoolctl",
+    "batchgeneratorsv2"}  # nnunetv2 2.8 requires it (its training transforms); SuperCL's loader sets its SpatialTransform
 
 
 @pytest.mark.parametrize("module", sorted(p for p in (REPO / "trainers").rglob("*.py")), ids=lambda p: p.name)
