@@ -3,16 +3,17 @@
 Every nnunet-cl trainer class: found by `-tr`, built on a tiny plan, its declared kind matches its hooks, and
 `self.network` is exactly the network stock nnU-Net builds from the plans.
 
-Every method family (a trainer class defined in a method module, not a generated variant or a schedule), on real
-MRI (MSD Hippocampus, ../shared/data; 8 labeled cases and an unlabeled pool), in process:
+Every method family (a trainer class defined in a method module, not a generated variant or a schedule; pretraining
+families and auxiliary-loss families such as DCL-Seg alike), on real MRI (MSD Hippocampus, ../shared/data; 8 labeled cases and an unlabeled pool), in process:
   * two steps from its own data loaders on CPU;
   * a checkpoint round trip (`--c`): extra modules, optimiser and extra state restored, so the next step's loss
     equals the uninterrupted run's;
   * its checkpoint goes into a stock nnUNetTrainer through nnU-Net's `-pretrained_weights` loader;
   * `nnUNetv2_cl_export` of it loads into nnU-Net's predictor;
   * a seeded run repeats its losses;
-  * the plans/configuration matrix (3d_fullres and 2d, nnUNetPlans and nnUNetResEncUNetMPlans): the trainer either
-    pretrains on the whole pool there or refuses at set-up with a message naming the fix, never silently.
+  * (pretraining families) the plans/configuration matrix (3d_fullres and 2d, nnUNetPlans and
+    nnUNetResEncUNetMPlans): the trainer either pretrains on the whole pool there or refuses at set-up with a
+    message naming the fix, never silently.
 """
 import inspect
 import json
@@ -28,15 +29,17 @@ import torch
 import nnunet_cl_trainers
 from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl.safe_load import load_checkpoint_file
-from nnunet_cl_trainers.base import PRETRAIN, nnUNetTrainerCLBase
+from nnunet_cl_trainers.base import FINETUNE, PRETRAIN, nnUNetTrainerCLBase
 
 from helpers import cli_env, fake_preprocessed_folder, run, tiny_plans
 
 CL_TRAINERS = sorted(n for n, o in vars(nnunet_cl_trainers).items()
                      if inspect.isclass(o) and issubclass(o, nnUNetTrainerCLBase) and o is not nnUNetTrainerCLBase)
 _GENERATED = ("nnunet_cl_trainers.variants", "nnunet_cl_trainers.benchmark", "nnunet_cl_trainers.demo")
-FAMILIES = sorted(n for n in CL_TRAINERS if getattr(nnunet_cl_trainers, n).__module__ not in _GENERATED
-                  and not n.endswith("Pretrain") and getattr(nnunet_cl_trainers, n).has_pretraining)
+_METHOD_CLASSES = [n for n in CL_TRAINERS if getattr(nnunet_cl_trainers, n).__module__ not in _GENERATED
+                   and not n.endswith("Pretrain")]
+FAMILIES = sorted(n for n in _METHOD_CLASSES if getattr(nnunet_cl_trainers, n).has_pretraining)  # pretrain on the pool
+AUXILIARY_FAMILIES = sorted(n for n in _METHOD_CLASSES if not getattr(nnunet_cl_trainers, n).has_pretraining)
 DATASET = "Dataset906_HippoContract"
 TINY_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "organ": 1}, "numTraining": 4,
              "file_ending": ".nii.gz"}
@@ -45,11 +48,13 @@ SMALL = {"pretrain_iterations_per_epoch": 2, "finetune_iterations_per_epoch": 1,
          "finetune_val_iterations_per_epoch": 1, "training_seed": 0}
 FAMILY_ATTRS = {"nnUNetTrainerSepaReg": {"n_segments": 24, "regions_per_step": 4, "crop_size": 16},
                 "nnUNetTrainerPolyCL": {"pretrain_batch_size": 4}, "nnUNetTrainerSimCLR": {"pretrain_batch_size": 2},
-                "nnUNetTrainerSuperCL": {"pretrain_batch_size": 4, "queue_size": 16, "n_labels": 16, "per_label": 4}}
+                "nnUNetTrainerSuperCL": {"pretrain_batch_size": 4, "queue_size": 16, "n_labels": 16, "per_label": 4},
+                "nnUNetTrainerDCLSeg": {"anchors_per_sample": 64}}
 
 
 def test_the_families_are_the_methods():
     assert FAMILIES == ["nnUNetTrainerPolyCL", "nnUNetTrainerSepaReg", "nnUNetTrainerSimCLR", "nnUNetTrainerSuperCL"]
+    assert AUXILIARY_FAMILIES == ["nnUNetTrainerDCLSeg"]
 
 
 @pytest.mark.parametrize("name", CL_TRAINERS)
@@ -134,13 +139,13 @@ def _step(trainer, batch, seed=123):
     return float(trainer.train_step(_fixed(trainer, batch))["loss"])
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + AUXILIARY_FAMILIES)
 def test_family_contract_on_real_data(real_env, name, tmp_path):
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     trainer = _make(real_env, name)
     trainer.on_train_start()
-    try:
-        assert trainer.stage() == PRETRAIN
+    try:  # a pretraining family steps on the pool, an auxiliary-loss family on nnU-Net's labeled batches
+        assert trainer.stage() == (PRETRAIN if trainer.has_pretraining else FINETUNE)
         batches = [next(trainer.dataloader_train) for _ in range(3)]
         losses = [float(trainer.train_step(_fixed(trainer, b))["loss"]) for b in batches[:2]]
         assert all(math.isfinite(v) for v in losses), losses

@@ -19,6 +19,7 @@ Hooks (see docs/architecture.md):
   - build_cl_modules()            -> nn.ModuleDict of heads/teachers/queues (outside self.network)
   - get_pretrain_dataloader()     -> iterator of pretraining batches (default: two views of pool crops)
   - prepare_batch(batch)          -> the batch on the device, plus the views, mixes or masks the method makes
+  - step_inputs(batch)            -> (images, targets) of nnU-Net's loss, made inside the wrapped forward
   - pretrain_losses(batch)        -> {term: scalar} on one such batch
   - auxiliary_losses(batch, output, features) -> {term: scalar}; features: the maps named by feature_request
   - on_after_step(batch, terms)   after the optimiser's step
@@ -158,6 +159,12 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
                 return [t.to(self.device, non_blocking=True) for t in v]
             return v
         return {k: move(v) for k, v in batch.items()}
+
+    def step_inputs(self, batch: dict):
+        """Hook (fine-tuning): (images, targets) of nnU-Net's loss in this step. It runs inside the step's wrapped
+        forward, so a module that makes inputs (DCL-Seg's positive generator) has its gradients averaged by DDP.
+        Default: batch['data'], batch['target']."""
+        return batch["data"], batch["target"]
 
     def on_after_step(self, batch: dict, terms: dict) -> None:
         """Hook: after the optimiser's step (EMA teachers, queue pushes)."""
@@ -435,9 +442,9 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
             terms = self.pretrain_losses(batch)
             return sum(terms.values()), terms
         request = self.feature_request if self.has_auxiliary_loss else {}
-        output, features = self.forward_features(batch["data"], request.get("encoder", ()),
-                                                 request.get("decoder", ()))
-        seg_loss = self.loss(output, batch["target"])
+        data, target = self.step_inputs(batch)
+        output, features = self.forward_features(data, request.get("encoder", ()), request.get("decoder", ()))
+        seg_loss = self.loss(output, target)
         terms = self.auxiliary_losses(batch, output, features) if self.has_auxiliary_loss else {}
         return seg_loss + sum(terms.values()), terms
 

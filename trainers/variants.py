@@ -5,9 +5,10 @@ A new method adds its rows here; nothing else names its variants. Rows:
   - `_<P>pt_<F>ft`: P pretraining epochs, then F fine-tuning epochs, 250 iterations each as in nnU-Net;
   - `_quick`: a first look at a method on a CPU: 5 short pretraining epochs, then 5 short fine-tuning epochs;
   - method options (PolyCL's strategies, SepaReg's objective, distillation loss and k, SuperCL's ASP and
-    instance term).
+    instance term, DCL-Seg's ablations).
 """
 from nnunet_cl_trainers.base import attribute_variant
+from nnunet_cl_trainers.dclseg import nnUNetTrainerDCLSeg
 from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCL, nnUNetTrainerPolyCLPretrain
 from nnunet_cl_trainers.separeg import nnUNetTrainerSepaReg, nnUNetTrainerSepaRegPretrain
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLR, nnUNetTrainerSimCLRPretrain
@@ -52,6 +53,11 @@ VARIANTS += [
     (nnUNetTrainerSuperCL, "nnUNetTrainerSuperCL_position", dict(instance_term="position"),
      "SuperCL with the positional instance term: patches centred within 10% of the body axis are positives."),
     (nnUNetTrainerSuperCLPretrain, "nnUNetTrainerSuperCLPretrain_position", dict(instance_term="position"), None),
+    (nnUNetTrainerDCLSeg, "nnUNetTrainerDCLSeg_250epochs", dict(finetune_epochs=250), None),
+    (nnUNetTrainerDCLSeg, "nnUNetTrainerDCLSeg_noContrast", dict(contrast_weight=0.0),
+     "DCL-Seg's learned positives and Dice + CE on them, without the voxel contrast (an ablation)."),
+    (nnUNetTrainerDCLSeg, "nnUNetTrainerDCLSeg_noBoundary", dict(boundary_fraction=0.0),
+     "DCL-Seg with anchors drawn uniformly, boundary voxels not oversampled (an ablation)."),
 ]
 # quick variants: one per family, the same name pattern for all
 VARIANTS += [
@@ -65,6 +71,8 @@ VARIANTS += [
      "each), then 5 x 10 fine-tuning steps."),
     (nnUNetTrainerSuperCL, "nnUNetTrainerSuperCL_quick", dict(pretrain_epochs=5, finetune_epochs=5, **_QUICK_ITERATIONS),
      "SuperCL, a first look: supervoxels of the pool, 5 x 10 pretraining steps, then 5 x 10 fine-tuning steps."),
+    (nnUNetTrainerDCLSeg, "nnUNetTrainerDCLSeg_quick", dict(finetune_epochs=5, **_QUICK_ITERATIONS),
+     "DCL-Seg, a first look: 5 x 10 supervised steps with learned positives and voxel contrast (no pretraining)."),
 ]
 
 for _base, _name, _attrs, _doc in VARIANTS:
