@@ -128,6 +128,32 @@ def test_predict_export_and_stock_predict_identical(hippo, staged_run, tmp_path)
     assert proc.returncode != 0 and "Could not find requested nnunet trainer" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_dclseg_fine_tunes_from_another_methods_pretraining_and_predicts(hippo, staged_run, tmp_path):
+    """The composition docs/methods/dclseg.md gives: one nnUNetv2_train -tr nnUNetTrainerDCLSeg command with
+    -pretrained_weights of a pretraining run (here SimCLR's), on -device cpu; then nnUNetv2_predict."""
+    env = hippo["env"]
+    pretrained = model_folder(hippo, TRAINER) / "fold_0" / "checkpoint_pretrained.pth"
+    proc = run(["nnUNetv2_train", "905", "3d_fullres", "0", "-tr", "nnUNetTrainerDCLSeg_test", "-device", "cpu",
+                "-pretrained_weights", str(pretrained)], env)
+    assert f"Loading pretrained weights from file  {pretrained}" in proc.stdout
+    fold = model_folder(hippo, "nnUNetTrainerDCLSeg_test") / "fold_0"
+    ckpt = load_checkpoint_file(fold / "checkpoint_final.pth")
+    log = ckpt["logging"]
+    for key in ("cl_contrast", "cl_structure", "mean_fg_dice"):
+        assert len(log[key]) == 2 and np.isfinite(log[key]).all(), (key, log[key])
+    assert set(ckpt["nnunet_cl"]["extra_optimizers"]) == {"generator"}
+    assert not any(k.startswith(("generator", "head")) for k in ckpt["network_weights"])
+    assert not [line for line in proc.stdout.splitlines() if "contrastive" in line and "nan" in line]
+    out = tmp_path / "pred"
+    run(["nnUNetv2_predict", "-i", str(hippo["test_in"]), "-o", str(out), "-d", "905", "-c", "3d_fullres",
+         "-tr", "nnUNetTrainerDCLSeg_test", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+        env)
+    predictions = sorted(out.glob("*.nii.gz"))
+    assert len(predictions) == 2
+    for p in predictions:
+        assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(p))))) <= {0, 1, 2}
+
+
 def test_pretrained_weights_round_trip(hippo, staged_run):
     env = hippo["env"]
     run(["nnUNetv2_train", "905", "3d_fullres", "0", "-tr", "nnUNetTrainerSimCLRPretrain_test", "-device", "cpu"],
