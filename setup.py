@@ -41,6 +41,7 @@ setup(
             "nnUNetv2_cl_check_pretrained=nnunet_cl.checkpoints:main_check_pretrained",
             "nnUNetv2_cl_demo=nnunet_cl.demo:main",
             "nnUNetv2_cl_benchmark=nnunet_cl.bench.runner:main",
+            "nnUNetv2_cl_robustness=nnunet_cl.bench.robustness:main",
             "nnUNetv2_cl_separeg_preview=nnunet_cl.methods.separeg.cli:main",
             "nnUNetv2_cl_supercl_preview=nnunet_cl.methods.supercl.cli:main",
             "nnUNetv2_cl_pretrain_plans=nnunet_cl.pretrain_plans:main_pretrain_plans",

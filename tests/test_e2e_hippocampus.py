@@ -128,13 +128,19 @@ def test_predict_export_and_stock_predict_identical(hippo, staged_run, tmp_path)
     assert proc.returncode != 0 and "Could not find requested nnunet trainer" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_dclseg_fine_tunes_from_another_methods_pretraining_and_predicts(hippo, staged_run, tmp_path):
+@pytest.fixture(scope="module")
+def dclseg_run(hippo, staged_run):
     """The composition docs/methods/dclseg.md gives: one nnUNetv2_train -tr nnUNetTrainerDCLSeg command with
-    -pretrained_weights of a pretraining run (here SimCLR's), on -device cpu; then nnUNetv2_predict."""
-    env = hippo["env"]
+    -pretrained_weights of a pretraining run (here SimCLR's), on -device cpu."""
     pretrained = model_folder(hippo, TRAINER) / "fold_0" / "checkpoint_pretrained.pth"
     proc = run(["nnUNetv2_train", "905", "3d_fullres", "0", "-tr", "nnUNetTrainerDCLSeg_test", "-device", "cpu",
-                "-pretrained_weights", str(pretrained)], env)
+                "-pretrained_weights", str(pretrained)], hippo["env"])
+    return proc, pretrained
+
+
+def test_dclseg_fine_tunes_from_another_methods_pretraining_and_predicts(hippo, dclseg_run, tmp_path):
+    env = hippo["env"]
+    proc, pretrained = dclseg_run
     assert f"Loading pretrained weights from file  {pretrained}" in proc.stdout
     fold = model_folder(hippo, "nnUNetTrainerDCLSeg_test") / "fold_0"
     ckpt = load_checkpoint_file(fold / "checkpoint_final.pth")
@@ -152,6 +158,39 @@ def test_dclseg_fine_tunes_from_another_methods_pretraining_and_predicts(hippo, 
     assert len(predictions) == 2
     for p in predictions:
         assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(p))))) <= {0, 1, 2}
+
+
+def test_robustness_command_scores_two_models_under_shifts(hippo, dclseg_run, tmp_path):
+    """nnUNetv2_cl_robustness on two labeled cases: every condition scored for both models, the table with the
+    goal check, the plot; a rerun reuses everything; a test folder without labels is refused with the fix."""
+    raw = hippo["root"] / "nnUNet_raw" / DATASET
+    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
+    images.mkdir(), labels.mkdir()
+    for p in sorted((raw / "labelsTr").glob("*.nii.gz"))[:2]:
+        shutil.copy(p, labels / p.name)
+        shutil.copy(raw / "imagesTr" / p.name.replace(".nii.gz", "_0000.nii.gz"), images)
+    models = [f"simclr={model_folder(hippo, TRAINER)}", f"dclseg={model_folder(hippo, 'nnUNetTrainerDCLSeg_test')}"]
+    out = tmp_path / "robust"
+    cmd = ["nnUNetv2_cl_robustness", "-i", str(images), "-l", str(labels), "-m", *models, "-o", str(out),
+           "--shifts", "noise"]
+    run(cmd, hippo["env"])
+    result = json.loads((out / "robustness.json").read_text())
+    conds = ["clean", "noise_0.05", "noise_0.1", "noise_0.2"]
+    for model in ("simclr", "dclseg"):
+        assert list(result["dice"][model]) == conds
+        assert all(len(result["dice"][model][c]) == 2 for c in conds)
+        assert all(0 <= d <= 1 for c in conds for case in result["dice"][model][c].values() for d in case
+                   if d == d)
+    table = (out / "robustness.md").read_text()
+    assert "| noise_0.2 |" in table and "goal (<= 0.5)" in table and (out / "robustness.png").stat().st_size > 0
+    clean = sitk.GetArrayFromImage(sitk.ReadImage(str(next((out / "images" / "clean").glob("*.nii.gz")))))
+    noisy = sitk.GetArrayFromImage(sitk.ReadImage(str(next((out / "images" / "noise_0.2").glob("*.nii.gz")))))
+    assert clean.shape == noisy.shape and 0.1 * clean.std() < (noisy - clean).std() < 0.3 * clean.std()
+    again = run(cmd, hippo["env"])  # everything reused: nothing predicted, the same table
+    assert "would like to predict" not in again.stdout and (out / "robustness.md").read_text() == table
+    (labels / sorted(p.name for p in labels.iterdir())[0]).unlink()
+    refused = run(cmd, hippo["env"], check=False)
+    assert refused.returncode != 0 and "have no label" in refused.stderr and "Fix:" in refused.stderr
 
 
 def test_pretrained_weights_round_trip(hippo, staged_run):
