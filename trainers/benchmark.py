@@ -171,6 +171,22 @@ import nnunet_cl_trainers as _package  # noqa: E402  (every method's trainers ar
 for _trainer, _ in METHODS.values():
     _define(getattr(_package, _trainer))
 
+
+def _dclseg_schedule(suffix: str) -> type:
+    """nnUNetTrainerDCLSeg on a benchmark schedule's supervised budget (the same epochs and iterations as
+    nnUNetTrainer_<suffix>), seeded; the robustness benchmark compares the two (docs/benchmarks.md "Robustness")."""
+    epochs, iterations, val_iterations = SCHEDULES[suffix]["finetune"]
+    name = f"nnUNetTrainerDCLSeg_{suffix}"
+    return attribute_variant(_package.nnUNetTrainerDCLSeg, name, __name__, f"DCL-Seg with the supervised budget of "
+                             f"nnUNetTrainer_{suffix} ({epochs} x {iterations} steps).", finetune_epochs=epochs,
+                             finetune_iterations_per_epoch=iterations, finetune_val_iterations_per_epoch=val_iterations,
+                             save_every=1, training_seed=0)
+
+
+nnUNetTrainerDCLSeg_clBench = _dclseg_schedule("clBench")
+nnUNetTrainerDCLSeg_clBenchQuick = _dclseg_schedule("clBenchQuick")
+
+
 # only the classes defined here: re-exporting nnUNetTrainer itself would confuse nnU-Net's name checks
 __all__ = sorted(n for n, o in list(globals().items())
                  if n.startswith("nnUNetTrainer") and getattr(o, "__module__", None) == __name__)
