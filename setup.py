@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         # the SAM packages too: their CLIs are tested through the real APIs (random weights, nothing downloaded)
-        "test": ["pytest", "pytorch-metric-learning", "segment-anything", "sam2"],
+        "test": ["pytest", "pytest-xdist", "pytorch-metric-learning", "segment-anything", "sam2"],
         "sam": ["segment-anything", "sam2"],
     },
     entry_points={

@@ -21,7 +21,8 @@ class StepProgress:
     """>>> p = StepProgress(every_s=60); p.start(250, "epoch 3"); line = p.step()   # None until 60 s have passed
 
     ``step()`` returns e.g. ``"epoch 3: step 120/250, 2.10 s/step, about 4.6 min left in this epoch"`` when
-    ``every_s`` seconds have passed since the start or the last line, else None. ``every_s`` None: never.
+    ``every_s`` seconds have passed since the start or the last line, else None. ``every_s`` None, or steps
+    taken without a ``start`` (a trainer's train_step called on its own): never.
     """
 
     def __init__(self, every_s: float | None = 60.0, clock: Callable[[], float] = time.monotonic):
@@ -35,7 +36,7 @@ class StepProgress:
     def step(self) -> str | None:
         self.done += 1
         now = self.clock()
-        if self.every_s is None or now - self.last < self.every_s:
+        if self.every_s is None or not self.total or now - self.last < self.every_s:  # (no line outside a loop)
             return None
         self.last = now
         rate = (now - self.t0) / self.done

@@ -23,6 +23,7 @@ def test_off_and_every_step():
     p.start(5, "epoch 0")
     assert all(p.step() is None for _ in range(5))
     p = StepProgress(every_s=0)
+    assert p.step() is None  # steps outside a started loop (a lone train_step) print nothing
     p.start(2, "epoch 0")
     assert p.step().startswith("epoch 0: step 1/2,")
 
