@@ -3,8 +3,9 @@ the whole batch, through the trainers' own train_step.
 
 Checked for SimCLR, PolyCL (pairs across ranks), SuperCL (IGCP's graph over every rank's patches and a queue),
 SepaReg (SimSiam and BYOL region phase, heads with
-cross-rank BatchNorm) and an auxiliary-loss trainer (nnU-Net's segmentation loss plus a gathered InfoNCE while
-fine-tuning):
+cross-rank BatchNorm), an auxiliary-loss trainer (nnU-Net's segmentation loss plus a gathered InfoNCE while
+fine-tuning) and DCL-Seg (learned positives made inside the step, a gathered voxel contrast, the generator's own
+optimiser and its exact ascent gradient):
   * the mean over ranks of the step loss equals the single-process loss (rtol 1e-5);
   * after the first step every gradient (network and extra modules), as DDP averaged it, equals the
     single-process gradient, on both ranks;
@@ -24,7 +25,8 @@ import torch.multiprocessing as mp
 
 from nnunet_cl.heads import pooled_embedding
 from nnunet_cl.losses import info_nce_two_views
-from nnunet_cl_trainers import nnUNetTrainerPolyCL, nnUNetTrainerSepaReg, nnUNetTrainerSimCLR, nnUNetTrainerSuperCL
+from nnunet_cl_trainers import (nnUNetTrainerDCLSeg, nnUNetTrainerPolyCL, nnUNetTrainerSepaReg, nnUNetTrainerSimCLR,
+                                nnUNetTrainerSuperCL)
 from nnunet_cl_trainers.base import FINETUNE, PRETRAIN
 
 from helpers import fake_preprocessed_folder, tiny_plans
@@ -103,6 +105,8 @@ CASES = {
     "separeg_byol": (nnUNetTrainerSepaReg, separeg_batch, {"crop_size": 16, "regions_per_step": 4,
                                                            "objective": "byol"}),
     "auxiliary": (AuxInfoNCETrainer, finetune_batch, {"pretrain_epochs": 0, "enable_deep_supervision": False}),
+    # learned positives inside the wrapped step, the voxel contrast gathered, the generator's own optimiser
+    "dclseg": (nnUNetTrainerDCLSeg, finetune_batch, {"enable_deep_supervision": False, "anchors_per_sample": 32}),
 }
 
 
@@ -131,7 +135,7 @@ def _worker(rank: int, world: int, port: int, root: str, case: str) -> None:
         setattr(trainer, k, v)
     trainer.initialize()
     assert trainer.is_ddp == (world > 1)
-    assert trainer.stage() == (FINETUNE if case == "auxiliary" else PRETRAIN)
+    assert trainer.stage() == (FINETUNE if case in ("auxiliary", "dclseg") else PRETRAIN)
     named = list(trainer.unwrapped_network.named_parameters()) + \
         [("cl." + n, p) for n, p in trainer.cl_modules.named_parameters()]
     losses, grads = [], None

@@ -17,6 +17,7 @@ two), variants in trainers/variants.py.
 import torch
 from torch import nn
 
+from nnunet_cl.distributed import rank
 from nnunet_cl.methods.dclseg.boundary import sample_anchors
 from nnunet_cl.methods.dclseg.generator import AppearanceGenerator
 from nnunet_cl.methods.dclseg.loss import two_view_supcon
@@ -108,9 +109,18 @@ class nnUNetTrainerDCLSeg(nnUNetTrainerCLBase):
         if "rng" in state:
             self._rng.set_state(state["rng"].cpu())  # (a checkpoint read with map_location cuda)
 
+    def sample_generators(self, n: int) -> list:
+        """One torch.Generator per sample of this rank's batch, seeded by one draw of the run's stream per step and
+        the sample's index in the global batch: a sample's code and anchors do not depend on how many ranks share
+        the batch (2 processes draw what 1 process draws for the whole batch)."""
+        base = int(torch.randint(2 ** 62, (), generator=self._rng))
+        return [torch.Generator().manual_seed(base + rank() * n + i) for i in range(n)]
+
     def step_inputs(self, batch: dict):
         x = batch["data"]
-        code = torch.randn(x.shape[0], self.generator_code_dim, generator=self._rng).to(x.device)
+        batch["generators"] = self.sample_generators(x.shape[0])
+        code = torch.cat([torch.randn(1, self.generator_code_dim, generator=g) for g in batch["generators"]])
+        code = code.to(device=x.device, dtype=x.dtype)
         positive = self.cl_modules["generator"](x, code)
         # the network sees x+ as a leaf: its loss trains the network only; the generator's gradient is set below
         batch["positive"], batch["positive_input"] = positive, positive.detach().requires_grad_(True)
@@ -122,7 +132,7 @@ class nnUNetTrainerDCLSeg(nnUNetTrainerCLBase):
         target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
         labels = target[:, 0].long()
         b_idx, v_idx, _ = sample_anchors(labels, self.anchors_per_sample, self.boundary_fraction,
-                                         self.boundary_distance, self.label_manager.ignore_label, self._rng)
+                                         self.boundary_distance, self.label_manager.ignore_label, batch["generators"])
         flat = feats.flatten(2)
         head = self.cl_modules["head"]
         e1, e2 = head(flat[b_idx, :, v_idx]), head(flat[b_idx + n, :, v_idx])

@@ -33,10 +33,11 @@ def _draw(candidates: torch.Tensor, k: int, generator: torch.Generator | None) -
 
 
 def sample_anchors(labels: torch.Tensor, n: int, boundary_fraction: float = 0.5, distance: int = 2,
-                   ignore_label: int | None = None, generator: torch.Generator | None = None):
+                   ignore_label: int | None = None, generator=None):
     """Up to ``n`` distinct voxels per sample, ``round(boundary_fraction * n)`` of them from the boundary voxels
     (``boundary_mask``) and the rest from the other labelled voxels; a sample short of either kind takes more of
-    the other. Ignored voxels are never drawn.
+    the other. Ignored voxels are never drawn. ``generator``: one ``torch.Generator`` for all samples, a list of
+    one per sample (draws that do not depend on which other samples share the batch), or None.
 
     Returns (batch_idx (K,), voxel_idx (K,) into the flattened spatial dims, is_boundary (K,) bool).
     """
@@ -52,7 +53,8 @@ def sample_anchors(labels: torch.Tensor, n: int, boundary_fraction: float = 0.5,
         k_edge = min(round(boundary_fraction * n), edge.numel())
         k_inner = min(n - k_edge, inner.numel())
         k_edge = min(n - k_inner, edge.numel())  # top up from the boundary when the inside is short
-        chosen = torch.cat([_draw(edge, k_edge, generator), _draw(inner, k_inner, generator)])
+        g = generator[b] if isinstance(generator, (list, tuple)) else generator
+        chosen = torch.cat([_draw(edge, k_edge, g), _draw(inner, k_inner, g)])
         voxel_parts.append(chosen)
         batch_parts.append(torch.full((chosen.numel(),), b, dtype=torch.long, device=labels.device))
         edge_parts.append(torch.arange(chosen.numel(), device=labels.device) < k_edge)
