@@ -9,26 +9,12 @@ from the paper's abstract (its full text is not public; docs/methods/dclseg.md n
 
 Nothing here knows about nnU-Net's trainer; the trainer lives in ``nnunet_cl_trainers.dclseg``.
 """
-from importlib import import_module
+from nnunet_cl.methods.dclseg.boundary import boundary_mask, sample_anchors
+from nnunet_cl.methods.dclseg.generator import AppearanceGenerator, clamp_to_range
+from nnunet_cl.methods.dclseg.loss import two_view_supcon
+from nnunet_cl.methods.dclseg.shifts import SHIFTS, apply_shift
+from nnunet_cl.methods.dclseg.structure import (STRUCTURE_WEIGHT, edge_correlation, edge_map, local_ncc,
+                                                structure_penalty)
 
-_EXPORTS = {
-    "generator": ["AppearanceGenerator", "clamp_to_range"],
-    "structure": ["local_ncc", "structure_penalty", "edge_map", "edge_correlation", "STRUCTURE_WEIGHT"],
-    "boundary": ["boundary_mask", "sample_anchors"],
-    "loss": ["two_view_supcon"],
-    "shifts": ["SHIFTS", "apply_shift"],
-}
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__all__ = ["AppearanceGenerator", "clamp_to_range", "local_ncc", "structure_penalty", "edge_map", "edge_correlation",
+           "STRUCTURE_WEIGHT", "boundary_mask", "sample_anchors", "two_view_supcon", "SHIFTS", "apply_shift"]
