@@ -1,30 +1,34 @@
 #!/usr/bin/env bash
-# Robustness screen on MSD Hippocampus (kept here; it was run as /work/robust_bench/run.sh) (docs/benchmarks.md "Robustness"): nnUNetTrainer_clBenchQuick vs
+# DCL-Seg robustness screen on MSD Hippocampus (docs/benchmarks.md "DCL-Seg"): nnUNetTrainer_clBenchQuick vs
 # nnUNetTrainerDCLSeg_clBenchQuick, fold 0 = 40 labelled training cases (10 validation), the benchmark's plans
 # (width 16, patch 40x56x40, batch 2); then nnUNetv2_cl_robustness on the 50 test cases. Resumable: each step
 # skips what is done.
 set -euo pipefail
-R=/work/robust_bench
-SRC=/work/bench_screen_supercl
-export PYTHONPATH=/work/snap5 nnUNet_extTrainer=/work/snap5/trainers/ext nnUNet_n_proc_DA=1
+# R: this screen's folder; SRC: a benchmark work folder whose Dataset950_Hippocampus (converted, with its
+# nnUNetPlans_clBench plans) it copies; CODE: a snapshot of the project (git worktree) so that edits to the live
+# checkout cannot reach a running job
+R=${R:-/work/robust_bench}
+SRC=${SRC:-/work/bench_screen_supercl}
+CODE=${CODE:-/work/snap5}
+export PYTHONPATH=$CODE nnUNet_extTrainer=$CODE/trainers/ext nnUNet_n_proc_DA=1
 export nnUNet_raw=$R/nnUNet_raw nnUNet_preprocessed=$R/nnUNet_preprocessed nnUNet_results=$R/nnUNet_results
 log() { echo "[$(date +%H:%M:%S) load $(cut -d' ' -f1 /proc/loadavg)] $*"; }
 D=$nnUNet_raw/Dataset951_HippoRobust
 if [ ! -f $D/dataset.json ]; then
   mkdir -p $D && cp -r $SRC/nnUNet_raw/Dataset950_Hippocampus/{imagesTr,labelsTr,imagesTs,labelsTs} $D/
-  python - <<'PY'
-import json
-d = json.load(open("/work/bench_screen_supercl/nnUNet_raw/Dataset950_Hippocampus/dataset.json"))
-json.dump(d, open("/work/robust_bench/nnUNet_raw/Dataset951_HippoRobust/dataset.json", "w"), indent=1)
+  SRC=$SRC python - <<'PY'
+import json, os
+d = json.load(open(os.environ["SRC"] + "/nnUNet_raw/Dataset950_Hippocampus/dataset.json"))
+json.dump(d, open(os.environ["nnUNet_raw"] + "/Dataset951_HippoRobust/dataset.json", "w"), indent=1)
 PY
 fi
 P=$nnUNet_preprocessed/Dataset951_HippoRobust
 if [ ! -d $P/nnUNetPlans_clBench_3d_fullres ]; then
   log "fingerprint + preprocess"
   nnUNetv2_extract_fingerprint -d 951 -np 1
-  python - <<'PY'
+  SRC=$SRC python - <<'PY'
 import json, os
-src = json.load(open("/work/bench_screen_supercl/nnUNet_preprocessed/Dataset950_Hippocampus/nnUNetPlans_clBench.json"))
+src = json.load(open(os.environ["SRC"] + "/nnUNet_preprocessed/Dataset950_Hippocampus/nnUNetPlans_clBench.json"))
 src["dataset_name"] = "Dataset951_HippoRobust"
 out = os.environ["nnUNet_preprocessed"] + "/Dataset951_HippoRobust"
 json.dump(src, open(out + "/nnUNetPlans_clBench.json", "w"), indent=1)
