@@ -67,7 +67,7 @@ def _contrast(net, x, xp, labels, gen_rng):
 
 def test_maximisation_steps_make_a_harder_positive_that_keeps_the_edges(mri_patch):
     """The generator alone (network fixed) ascends contrast - STRUCTURE_WEIGHT * structure penalty for 100 steps:
-    the contrast rises, x+ moves away from x, and the edges stay (correlation > EDGE_BOUND; measured 0.936) inside
+    the contrast rises, x+ moves away from x, and the edges stay (correlation > EDGE_BOUND; measured 0.933) inside
     x's range."""
     x, labels = mri_patch
     net = _network()
@@ -89,8 +89,8 @@ def test_maximisation_steps_make_a_harder_positive_that_keeps_the_edges(mri_patc
             assert (gen(x, code) - x).abs().max() > 1e-4  # one step already moves x+ away from x
     xp = gen(x, code).detach()
     after = float(_contrast(net, x, xp, labels, torch.Generator().manual_seed(0)))
-    assert after > before + 0.03, (before, after)  # measured: 9.183 -> 9.242
-    assert (xp - x).abs().mean() > 0.1  # measured: 0.18 (x z-scored)
+    assert after > before + 0.02, (before, after)  # measured: 9.184 -> 9.236
+    assert (xp - x).abs().mean() > 0.1  # measured: 0.26 (x z-scored)
     assert float(edge_correlation(x, xp)) > EDGE_BOUND
     assert xp.min() >= x.min() and xp.max() <= x.max()
 
@@ -243,3 +243,36 @@ def test_bad_settings_are_refused_at_set_up_with_the_fix(dclseg_trainer, attrs):
     from nnunet_cl.paths import NnUNetCLError
     with pytest.raises(NnUNetCLError, match="Fix:"):
         dclseg_trainer(**attrs)
+
+
+def test_the_generator_gets_the_gradient_of_its_objective_and_nothing_else(dclseg_trainer):
+    """The trainer's one backward gives the generator exactly grad_phi(lambda * P(x, x+) - SupCon), recomputed here
+    without the detach trick (x+ not detached, the same draws): the sign, and no leak of nnU-Net's loss."""
+    from nnunet_cl.methods.dclseg import sample_anchors as anchors
+    trainer = dclseg_trainer()
+    gen, head = trainer.cl_modules["generator"], trainer.cl_modules["head"]
+    for p in gen.parameters():  # away from the zero start, so that every parameter has a gradient
+        torch.nn.init.normal_(p, std=0.1)
+    batch = _labeled_batch(trainer)
+    state = trainer._rng.get_state()
+    loss, _ = trainer.step_losses({k: (v.clone() if torch.is_tensor(v) else [t.clone() for t in v])
+                                   for k, v in batch.items()})
+    loss.backward()
+    ours = [p.grad.clone() for p in gen.parameters()]
+    trainer._rng.set_state(state)  # the same draws, in the same order as the step
+    x = batch["data"]
+    generators = trainer.sample_generators(x.shape[0])
+    code = torch.cat([torch.randn(1, trainer.generator_code_dim, generator=g) for g in generators])
+    positive = gen(x, code)
+    _, features = trainer.forward_features(torch.cat([x, positive]), decoder=(-1,), with_output=False)
+    labels = batch["target"][0][:, 0].long()
+    b_idx, v_idx, _ = anchors(labels, trainer.anchors_per_sample, trainer.boundary_fraction,
+                              trainer.boundary_distance, None, generators)
+    flat = features["dec-1"].flatten(2)
+    contrast = two_view_supcon(head(flat[b_idx, :, v_idx]), head(flat[b_idx + 2, :, v_idx]),
+                               labels.flatten(1)[b_idx, v_idx], trainer.temperature)
+    objective = trainer.structure_weight * structure_penalty(x, positive, trainer.structure_window) - contrast
+    expected = torch.autograd.grad(objective, list(gen.parameters()))
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(float(b.abs().max()) > 1e-6 for b in expected)

@@ -346,3 +346,26 @@ def test_an_empty_dataset_is_named_with_the_fix(nnunet_env):
     with pytest.raises(trainer_base.NnUNetCLError, match="No preprocessed case in .*Fix: nnUNetv2_plan_and_preprocess "
                                                          "-d Dataset997_Tiny -c 3d_fullres"):
         trainer.initialize()
+
+
+def test_gradients_are_clipped_per_optimiser(make_trainer, monkeypatch):
+    """A huge gradient in an extra optimiser's module is clipped to 12 alone; the network's gradient is untouched."""
+    torch.manual_seed(0)
+    trainer = make_trainer(cls=_WithExtraOptimizer)
+    clipped = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def record(params, max_norm):
+        params = list(params)
+        clipped.append(({id(p) for p in params}, float(real(params, max_norm))))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    original = trainer.pretrain_losses
+    trainer.pretrain_losses = lambda batch: {k: v + 1e6 * sum(p.sum() for p in trainer.cl_modules["projector"].
+                                                                 parameters()) for k, v in original(batch).items()}
+    trainer.train_step(two_view_batch())
+    network = {id(p) for p in trainer.network.parameters()}
+    projector = {id(p) for p in trainer.cl_modules["projector"].parameters()}
+    assert len(clipped) == 2
+    (first, norm_main), (second, norm_extra) = clipped
+    assert network <= first and not first & projector and second == projector
+    assert norm_extra > 1e5 > norm_main  # the projector's norm was clipped on its own

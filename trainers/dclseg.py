@@ -36,7 +36,7 @@ class nnUNetTrainerDCLSeg(nnUNetTrainerCLBase):
 
     Hyperparameters (attributes; a variant changes them in its own __init__):
       contrast_weight      beta: weight of the voxel contrast in the network's loss (0.1)
-      structure_weight     lambda: weight of the structure penalty in the generator's objective (3.0)
+      structure_weight     lambda: weight of the structure penalty in the generator's objective (10.0)
       temperature          tau of the voxel contrast (0.1)
       anchors_per_sample   voxels per patch, the same voxels in x and x+ (256)
       boundary_fraction    share of them within boundary_distance voxels of a label change (0.5, distance 2)
@@ -56,7 +56,7 @@ class nnUNetTrainerDCLSeg(nnUNetTrainerCLBase):
         self.pretrain_epochs = 0
         self.finetune_epochs = self.num_epochs  # nnU-Net's 1000
         self.contrast_weight = 0.1
-        self.structure_weight = STRUCTURE_WEIGHT  # 3.0, measured (nnunet_cl.methods.dclseg.structure)
+        self.structure_weight = STRUCTURE_WEIGHT  # 10.0, measured (nnunet_cl.methods.dclseg.structure)
         self.temperature = 0.1
         self.anchors_per_sample = 256
         self.boundary_fraction = 0.5
@@ -85,6 +85,16 @@ class nnUNetTrainerDCLSeg(nnUNetTrainerCLBase):
             problems.append(f"temperature={self.temperature}, generator_lr={self.generator_lr} (> 0)")
         if self.structure_window < 1 or self.structure_window % 2 == 0:
             problems.append(f"structure_window={self.structure_window} (odd, >= 1)")
+        if self.label_manager.has_regions:
+            problems.append("region-based labels (the contrast needs one class per voxel; train with labels)")
+        if self.is_ddp:  # the contrast gathers equal shares: every rank the same patches and the same anchor count
+            world = torch.distributed.get_world_size()
+            if int(self.configuration_manager.batch_size) % world:
+                problems.append(f"batch size {self.configuration_manager.batch_size} with {world} processes (nnU-Net "
+                                f"would split it unevenly; use a batch size divisible by the process count)")
+            if self.label_manager.ignore_label is not None:
+                problems.append("an ignore label with several processes (patches with few labelled voxels give the "
+                                "ranks different anchor counts; train in one process)")
         if problems:
             raise NnUNetCLError(f"{type(self).__name__}: " + "; ".join(problems) + ". Fix: set these attributes "
                                 f"in your variant to the ranges given (defaults in the class docstring).")
@@ -141,7 +151,8 @@ class nnUNetTrainerDCLSeg(nnUNetTrainerCLBase):
         # underflow), applied to the generator's output by a term whose value is zero
         scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
         (grad,) = torch.autograd.grad(contrast * scale, batch["positive_input"], retain_graph=True)
-        ascent = -(batch["positive"] * (grad.float() / scale)).sum()
+        grad = torch.nan_to_num(grad.float() / scale, nan=0.0, posinf=0.0, neginf=0.0)  # an fp16 overflow: no ascent
+        ascent = -(batch["positive"] * grad).sum()
         structure = structure_penalty(batch["data"], batch["positive"], self.structure_window)
         return {"contrast": self.contrast_weight * contrast,
                 "structure": self.structure_weight * structure + (ascent - ascent.detach())}

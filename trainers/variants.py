@@ -54,8 +54,6 @@ VARIANTS += [
      "SuperCL with the positional instance term: patches centred within 10% of the body axis are positives."),
     (nnUNetTrainerSuperCLPretrain, "nnUNetTrainerSuperCLPretrain_position", dict(instance_term="position"), None),
     (nnUNetTrainerDCLSeg, "nnUNetTrainerDCLSeg_250epochs", dict(finetune_epochs=250), None),
-    (nnUNetTrainerDCLSeg, "nnUNetTrainerDCLSeg_noContrast", dict(contrast_weight=0.0),
-     "DCL-Seg's learned positives and Dice + CE on them, without the voxel contrast (an ablation)."),
     (nnUNetTrainerDCLSeg, "nnUNetTrainerDCLSeg_noBoundary", dict(boundary_fraction=0.0),
      "DCL-Seg with anchors drawn uniformly, boundary voxels not oversampled (an ablation)."),
 ]

@@ -7,7 +7,8 @@ each at its stated strengths), and each prediction is scored against the labels.
   predictions/<model>/<shift>/
   robustness.json            Dice per case, class, shift and model
   robustness.md, robustness.png  the table and Dice against shift strength
-Reruns skip shifted images and predictions already complete. Checkpoints are read with nnunet_cl.safe_load (weights
+Reruns skip shifted images and predictions already complete and made with the same settings (source images, seed;
+model folder, fold, checkpoint, mirroring); a folder made otherwise is redone. Checkpoints are read with nnunet_cl.safe_load (weights
 only) and the stock network is built from the model's plans, so no trainer class is needed to predict.
 """
 from __future__ import annotations
@@ -25,6 +26,17 @@ from nnunet_cl.methods.dclseg.shifts import SHIFTS, apply_shift
 from nnunet_cl.paths import NnUNetCLError, save_json_atomic
 
 CLEAN = "clean"
+SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")  # float images SimpleITK writes with their geometry
+MANIFEST = "made_with.json"  # what a folder of shifted images or predictions was made from: a change redoes it
+
+
+def _done(folder: Path, names, settings: dict) -> bool:
+    """True when `folder` holds every file of `names` and was made with exactly `settings`."""
+    try:
+        made_with = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return made_with == settings and all((folder / n).is_file() for n in names)
 
 
 def conditions(kinds) -> list[tuple[str, str, float]]:
@@ -53,7 +65,9 @@ def write_shifted(images: Path, out: Path, kind: str, strength: float, seed: int
     draws (bias field, noise) depend on (seed, file index, kind, strength) only."""
     import SimpleITK as sitk
     files = sorted(images.glob(f"*{file_ending}"))
-    if out.is_dir() and sorted(p.name for p in out.glob(f"*{file_ending}")) == [p.name for p in files]:
+    settings = {"images": str(images.resolve()), "files": [p.name for p in files], "kind": kind,
+                "strength": strength, "seed": seed}
+    if _done(out, settings["files"], settings):
         return
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -67,6 +81,7 @@ def write_shifted(images: Path, out: Path, kind: str, strength: float, seed: int
         shifted = sitk.GetImageFromArray(apply_shift(sitk.GetArrayFromImage(image), kind, strength, rng))
         shifted.CopyInformation(image)
         sitk.WriteImage(shifted, str(tmp / f.name))
+    (tmp / MANIFEST).write_text(json.dumps(settings))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 
@@ -95,25 +110,30 @@ def load_predictor(model_folder: Path, fold, checkpoint: str, device, tta: bool)
     return predictor, dataset_json
 
 
-def dice_per_class(prediction: np.ndarray, label: np.ndarray, classes) -> list[float]:
-    """Dice of each class; NaN where the class is absent from both (left out of means, as nnU-Net does)."""
+def dice_per_class(prediction: np.ndarray, label: np.ndarray, classes,
+                   ignore_label: int | None = None) -> list[float]:
+    """Dice of each class; NaN where the class is absent from both (left out of means, as nnU-Net does). Voxels
+    the reference marks with `ignore_label` are left out, as nnU-Net's evaluation does."""
+    keep = np.ones(label.shape, bool) if ignore_label is None else label != ignore_label
     out = []
     for c in classes:
-        p, t = prediction == c, label == c
+        p, t = (prediction == c) & keep, (label == c) & keep
         denom = p.sum() + t.sum()
         out.append(float(2 * (p & t).sum() / denom) if denom else float("nan"))
     return out
 
 
-def score(pred_folder: Path, labels: Path, cases, classes, file_ending: str) -> dict:
+def score(pred_folder: Path, labels: Path, cases, classes, file_ending: str, ignore_label: int | None = None) -> dict:
     import SimpleITK as sitk
     read = lambda p: sitk.GetArrayFromImage(sitk.ReadImage(str(p)))  # noqa: E731
-    return {c: dice_per_class(read(pred_folder / f"{c}{file_ending}"), read(labels / f"{c}{file_ending}"), classes)
-            for c in cases}
+    return {c: dice_per_class(read(pred_folder / f"{c}{file_ending}"), read(labels / f"{c}{file_ending}"), classes,
+                              ignore_label) for c in cases}
 
 
 def mean_dice(per_case: dict) -> float:
-    return float(np.nanmean([np.nanmean(v) for v in per_case.values()]))
+    """nnU-Net's foreground mean: each class's mean over the cases where it is defined, then the mean over classes."""
+    per_class = np.array(list(per_case.values()), dtype=float)  # (cases, classes)
+    return float(np.nanmean(np.nanmean(per_class, axis=0)))
 
 
 def strongest(kind: str) -> list[float]:
@@ -137,8 +157,10 @@ def report(results: dict, models: list[str]) -> str:
         lines.append(f"| {cond} | " + " | ".join(cells) + " |")
     if len(models) == 2:
         base, method = models
+        equal = abs(clean[method] - clean[base]) <= 0.01
         lines += ["", f"Clean Dice: {base} {clean[base]:.3f}, {method} {clean[method]:.3f} "
-                      f"(difference {100 * (clean[method] - clean[base]):+.1f} points; the goal needs |diff| <= 1)."]
+                      f"(difference {100 * (clean[method] - clean[base]):+.1f} points; the goal needs |diff| <= 1: "
+                      f"{'yes' if equal else 'no, so no shift row below can meet it'})."]
         lines += ["", "| strongest shift | drop " + base + " | drop " + method + " | ratio | goal (<= 0.5) |",
                   "|---|---:|---:|---:|---|"]
         for kind in SHIFTS:
@@ -148,7 +170,7 @@ def report(results: dict, models: list[str]) -> str:
                     continue
                 drops = [clean[m] - mean_dice(results[m][cond]) for m in models]
                 ratio = drops[1] / drops[0] if drops[0] > 1e-9 else float("nan")
-                ok = "n/a (no drop)" if drops[0] <= 1e-9 else ("met" if ratio <= 0.5 else "not met")
+                ok = "n/a (no drop)" if drops[0] <= 1e-9 else ("met" if ratio <= 0.5 and equal else "not met")
                 lines.append(f"| {cond} | {drops[0]:+.3f} | {drops[1]:+.3f} | {ratio:.2f} | {ok} |")
     return "\n".join(lines) + "\n"
 
@@ -184,9 +206,15 @@ def run(images: Path, labels: Path, models: dict, out: Path, kinds, fold="0", ch
     first = next(iter(models.values()))
     dataset_json = json.loads((first / "dataset.json").read_text())
     ending = dataset_json.get("file_ending", ".nii.gz")
+    if ending not in SUPPORTED_ENDINGS:
+        raise NnUNetCLError(f"file ending {ending!r}: the shifted float images are written with SimpleITK, which needs "
+                            f"one of {', '.join(SUPPORTED_ENDINGS)}. Fix: convert the test set to NIfTI.")
+    if any(not isinstance(v, int) for v in dataset_json["labels"].values()):
+        raise NnUNetCLError("region-based labels are not supported: Dice is computed per label value. Fix: score "
+                            "a label-based model.")
     cases = test_cases(images, labels, ending)
-    classes = [v for k, v in dataset_json["labels"].items() if k != "background" and k != "ignore"
-               and isinstance(v, int)]
+    ignore_label = dataset_json["labels"].get("ignore")
+    classes = [v for k, v in dataset_json["labels"].items() if k not in ("background", "ignore")]
     conds = conditions(kinds)
     for name, kind, strength in tqdm(conds, desc="shifted test images"):
         write_shifted(images, out / "images" / name, kind, strength, seed, ending)
@@ -196,13 +224,17 @@ def run(images: Path, labels: Path, models: dict, out: Path, kinds, fold="0", ch
         results[model] = {}
         for name, _, _ in tqdm(conds, desc=f"predict {model}"):
             pred = out / "predictions" / model / name
-            if not all((pred / f"{c}{ending}").is_file() for c in cases):
+            images_made = json.loads((out / "images" / name / MANIFEST).read_text())
+            settings = {"model": str(folder.resolve()), "fold": str(fold), "checkpoint": checkpoint, "tta": tta,
+                        "images": images_made}
+            if not _done(pred, [f"{c}{ending}" for c in cases], settings):
                 if predictor is None:
                     predictor, _ = load_predictor(folder, fold, checkpoint, device, tta)
                 shutil.rmtree(pred, ignore_errors=True)
                 pred.mkdir(parents=True)
                 predictor.predict_from_files_sequential(str(out / "images" / name), str(pred), False, True, None)
-            results[model][name] = score(pred, labels, cases, classes, ending)
+                (pred / MANIFEST).write_text(json.dumps(settings))
+            results[model][name] = score(pred, labels, cases, classes, ending, ignore_label)
     save_json_atomic({"cases": cases, "classes": classes, "models": {m: str(f) for m, f in models.items()},
                       "fold": fold, "checkpoint": checkpoint, "tta": tta, "seed": seed,
                       "shifts": {k: list(SHIFTS[k]) for k in kinds}, "dice": results}, str(out / "robustness.json"))
