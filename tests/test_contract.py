@@ -13,7 +13,7 @@ families and auxiliary-loss families such as DCL-Seg alike), on real MRI (MSD Hi
   * a seeded run repeats its losses;
   * (pretraining families) the plans/configuration matrix (3d_fullres and 2d, nnUNetPlans and
     nnUNetResEncUNetMPlans): the trainer either pretrains on the whole pool there or refuses at set-up with a
-    message naming the fix, never silently.
+    message naming the fix, never silently; (auxiliary-loss families) a step with every term finite on each of them.
 """
 import inspect
 import json
@@ -221,5 +221,20 @@ def test_the_pool_is_used_or_refused_with_the_fix(real_env, name, plans, configu
         record = json.loads((Path(trainer.output_folder) / "pretraining_pool.json").read_text())
         assert record["cases"] == len(record["members"]) == len(pool) + n_labeled  # what the benchmark reads
         assert math.isfinite(float(trainer.train_step(next(trainer.dataloader_train))["loss"]))
+    finally:
+        trainer._stop_pool_loader()
+
+
+@pytest.mark.parametrize("plans,configuration", MATRIX)
+@pytest.mark.parametrize("name", AUXILIARY_FAMILIES)
+def test_auxiliary_families_train_on_every_plans_and_configuration(real_env, name, plans, configuration):
+    """An auxiliary-loss family reads no pool: on 3d_fullres and 2d, nnUNetPlans and ResEnc M, a step from nnU-Net's
+    own loaders gives finite losses and every term of the method."""
+    trainer = _set_up(real_env, name, configuration, plans)
+    try:
+        assert trainer.stage() == FINETUNE
+        out = trainer.train_step(next(trainer.dataloader_train))
+        assert math.isfinite(float(out["loss"]))
+        assert all(math.isfinite(float(out[f"cl_{t}"])) for t in trainer.loss_terms)
     finally:
         trainer._stop_pool_loader()
