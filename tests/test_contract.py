@@ -4,7 +4,8 @@ Every nnunet-cl trainer class: found by `-tr`, built on a tiny plan, its declare
 `self.network` is exactly the network stock nnU-Net builds from the plans.
 
 Every method family (a trainer class defined in a method module, not a generated variant or a schedule; pretraining
-families and auxiliary-loss families such as DCL-Seg alike), on real MRI (MSD Hippocampus, ../shared/data; 8 labeled cases and an unlabeled pool), in process:
+families and auxiliary-loss families such as DCL-Seg alike), on real MRI (MSD Hippocampus, ../shared/data; 8 labeled
+cases and an unlabeled pool), in process:
   * two steps from its own data loaders on CPU;
   * a checkpoint round trip (`--c`): extra modules, optimiser and extra state restored, so the next step's loss
     equals the uninterrupted run's;

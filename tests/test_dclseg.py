@@ -11,7 +11,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from nnunet_cl.methods.dclseg import (SHIFTS, STRUCTURE_WEIGHT, AppearanceGenerator, apply_shift, boundary_mask, clamp_to_range,
+from nnunet_cl.methods.dclseg import (SHIFTS, STRUCTURE_WEIGHT, AppearanceGenerator, apply_shift, boundary_mask,
+                                      clamp_to_range,
                                       edge_correlation, local_ncc, sample_anchors, structure_penalty,
                                       two_view_supcon)
 
@@ -22,8 +23,9 @@ EDGE_BOUND = 0.9  # METHODS_SPEC §6: edge-map correlation of x and x+ above 0.9
 def mri_patch(shared_data):
     """A z-scored 32^3 patch of a real MSD Hippocampus MRI (its labels beside it), as (1, 1, 32, 32, 32)."""
     import SimpleITK as sitk
-    image = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_data / "Task04_Hippocampus/imagesTr/hippocampus_003.nii.gz")))
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_data / "Task04_Hippocampus/labelsTr/hippocampus_003.nii.gz")))
+    folder = shared_data / "Task04_Hippocampus"
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "imagesTr/hippocampus_003.nii.gz")))
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr/hippocampus_003.nii.gz")))
     c = [int(v) for v in np.argwhere(label > 0).mean(0)]
     box = tuple(slice(max(0, ci - 16), max(0, ci - 16) + 32) for ci in c)
     x, y = image[box].astype(np.float32), label[box].astype(np.int64)

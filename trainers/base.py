@@ -419,7 +419,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         if scaler is not None:
             for opt in optimizers:
                 scaler.unscale_(opt)
-        for opt in optimizers:  # nnU-Net's clipping at 12, per optimiser: an extra module never shrinks the network's step
+        # nnU-Net's clipping at 12, per optimiser: an extra module's gradient never shrinks the network's step
+        for opt in optimizers:
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 12)
         for opt in optimizers:
             scaler.step(opt) if scaler is not None else opt.step()

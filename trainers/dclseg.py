@@ -68,7 +68,8 @@ class nnUNetTrainerDCLSeg(nnUNetTrainerCLBase):
         self.bias_degree = 2
         self.max_log_bias = 0.4
         self.structure_window = 5
-        self._rng = torch.Generator()  # the step's own draws (codes, anchors): seeded runs repeat whatever the loader draws
+        # the step's own draws (codes, anchors): a seeded run repeats whatever its data loader draws
+        self._rng = torch.Generator()
 
     def check_settings(self) -> None:
         super().check_settings()

@@ -8,8 +8,9 @@ each at its stated strengths), and each prediction is scored against the labels.
   robustness.json            Dice per case, class, shift and model
   robustness.md, robustness.png  the table and Dice against shift strength
 Reruns skip shifted images and predictions already complete and made with the same settings (source images, seed;
-model folder, fold, checkpoint, mirroring); a folder made otherwise is redone. Checkpoints are read with nnunet_cl.safe_load (weights
-only) and the stock network is built from the model's plans, so no trainer class is needed to predict.
+model folder, fold, checkpoint, mirroring); a folder made otherwise is redone. Checkpoints are read with
+nnunet_cl.safe_load (weights only) and the stock network is built from the model's plans, so no trainer class is
+needed to predict.
 """
 from __future__ import annotations
 

@@ -57,6 +57,7 @@ class AppearanceGenerator(nn.Module):
                                    nn.Linear(hidden, channels))
         n_terms = len(polynomial_basis((2,) * spatial_dims, bias_degree))
         self.bias = nn.Linear(code_dim, n_terms, bias=False)
+        self._basis = None  # (shape, device, dtype, basis): the patch shape is the same every step
         for layer in (self.style[-1], self.bias):  # identity at start: the first positives are x itself
             nn.init.zeros_(layer.weight)
         nn.init.zeros_(self.style[-1].bias)
@@ -68,7 +69,10 @@ class AppearanceGenerator(nn.Module):
         channels_last = x.movedim(1, -1)  # (B, *spatial, C)
         z = code.to(x.dtype).view(b, *([1] * len(spatial)), self.code_dim).expand(*channels_last.shape[:-1], -1)
         styled = channels_last + self.style(torch.cat([channels_last, z], dim=-1))
-        basis = polynomial_basis(spatial, self.bias_degree, x.device, x.dtype)  # (P, *spatial)
+        key = (tuple(spatial), x.device, x.dtype)
+        if self._basis is None or self._basis[0] != key:
+            self._basis = (key, polynomial_basis(spatial, self.bias_degree, x.device, x.dtype))  # (P, *spatial)
+        basis = self._basis[1]
         log_field = torch.einsum("bp,p...->b...", self.bias(code.to(x.dtype)), basis)
         field = torch.exp(self.max_log_bias * torch.tanh(log_field)).unsqueeze(1)  # (B, 1, *spatial)
         return clamp_to_range(styled.movedim(-1, 1) * field, x)
