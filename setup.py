@@ -46,6 +46,7 @@ setup(
             "nnUNetv2_cl_supercl_preview=nnunet_cl.methods.supercl.cli:main",
             "nnUNetv2_cl_pretrain_plans=nnunet_cl.pretrain_plans:main_pretrain_plans",
             "nnUNetv2_cl_sam_refine=nnunet_cl.methods.polycl.sam_refine:main_sam_refine",
+            "nnUNetv2_cl_scribbles_to_nnunet=nnunet_cl.methods.pclmix.scribbles:main",
             "nnUNetv2_cl_sam2_propagate=nnunet_cl.methods.polycl.sam2_propagate:main_sam2_propagate",
         ],
     },

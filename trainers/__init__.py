@@ -12,6 +12,7 @@ from nnunet_cl_trainers.separeg import nnUNetTrainerSepaReg, nnUNetTrainerSepaRe
 from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCL, nnUNetTrainerPolyCLPretrain
 from nnunet_cl_trainers.supercl import nnUNetTrainerSuperCL, nnUNetTrainerSuperCLPretrain
 from nnunet_cl_trainers.dclseg import nnUNetTrainerDCLSeg
+from nnunet_cl_trainers.pclmix import nnUNetTrainerPCLMix
 from nnunet_cl_trainers.benchmark import *
 from nnunet_cl_trainers.demo import (nnUNetTrainer_clDemo, nnUNetTrainer_clDemoQuick, nnUNetTrainerSimCLR_clDemo,  # after benchmark
                                      nnUNetTrainerSimCLR_clDemoQuick)

@@ -131,6 +131,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         self.progress_every_s = 60.0
         self._progress = StepProgress()
         self._augmenters_built = 0  # each augmenter of a run draws from a stream of its own
+        # the step's own draws (mix boxes, codes, anchors; sample_generators): seeded with the run, in checkpoints
+        self._step_rng = torch.Generator()
         self.cl_modules: nn.ModuleDict | None = None
         self.train_modules: nn.Module | None = None  # TrainModules, DDP-wrapped in a distributed run
         self.extra_optimizers: Dict[str, torch.optim.Optimizer] | None = None
@@ -230,6 +232,14 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
                                "from pretrain_losses / auxiliary_losses (inside step_losses)")
         return self.unwrapped_network
 
+    def sample_generators(self, n: int) -> list:
+        """One torch.Generator per sample of this rank's batch, seeded by one draw of the run's step stream and the
+        sample's index in the global batch: a sample's draws (a mix box, a code, its anchors) do not depend on how
+        many ranks share the batch (2 processes draw what 1 process draws for the whole batch)."""
+        from nnunet_cl.distributed import rank
+        base = int(torch.randint(2 ** 62, (), generator=self._step_rng))
+        return [torch.Generator().manual_seed(base + rank() * n + i) for i in range(n)]
+
     def encode(self, x: torch.Tensor) -> list:
         """Encoder skips of the stock U-Net, bottleneck last (inside the step, see step_parts)."""
         return self.step_parts().encoder(x)
@@ -250,6 +260,9 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
             seed_everything(self.training_seed)  # before the network and the heads are built
             self.print_to_log_file(f"{type(self).__name__}: training seed {self.training_seed} (initialisation, "
                                    f"batches and augmentation)")
+        if not self.was_initialized:
+            self._step_rng.manual_seed(int(torch.randint(2 ** 62, ())) if self.training_seed is None
+                                       else self.training_seed)
         self.num_epochs = self.num_epochs_total
         self.check_settings()
         # nnU-Net would DDP-wrap self.network alone (CUDA only); the network and the extra modules are wrapped
@@ -548,7 +561,7 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
             # ours; ignored by nnU-Net's predictor and by load_pretrained_weights
             "nnunet_cl": {"cl_modules": self.cl_modules.state_dict(), "extra": self.cl_extra_state(),
                           "extra_optimizers": {k: o.state_dict() for k, o in (self.extra_optimizers or {}).items()},
-                          "optimizer_stage": self._optimizer_stage},
+                          "optimizer_stage": self._optimizer_stage, "step_rng": self._step_rng.get_state()},
         }
         tmp = filename + ".tmp"
         torch.save(checkpoint, tmp)
@@ -586,6 +599,8 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
             for name, opt_state in state.get("extra_optimizers", {}).items():
                 self.extra_optimizers[name].load_state_dict(opt_state)
             self.load_cl_extra_state(state["extra"])
+            if "step_rng" in state:
+                self._step_rng.set_state(state["step_rng"].cpu())  # (a checkpoint read with map_location cuda)
         self.my_init_kwargs = checkpoint["init_args"]
         self.logger.load_checkpoint(checkpoint["logging"])
         self._best_ema = checkpoint["_best_ema"]

@@ -17,7 +17,6 @@ two), variants in trainers/variants.py.
 import torch
 from torch import nn
 
-from nnunet_cl.distributed import rank
 from nnunet_cl.methods.dclseg.boundary import sample_anchors
 from nnunet_cl.methods.dclseg.generator import AppearanceGenerator
 from nnunet_cl.methods.dclseg.loss import two_view_supcon
@@ -68,8 +67,6 @@ class nnUNetTrainerDCLSeg(nnUNetTrainerCLBase):
         self.bias_degree = 2
         self.max_log_bias = 0.4
         self.structure_window = 5
-        # the step's own draws (codes, anchors): a seeded run repeats whatever its data loader draws
-        self._rng = torch.Generator()
 
     def check_settings(self) -> None:
         super().check_settings()
@@ -101,7 +98,6 @@ class nnUNetTrainerDCLSeg(nnUNetTrainerCLBase):
                                 f"in your variant to the ranges given (defaults in the class docstring).")
 
     def build_cl_modules(self) -> nn.ModuleDict:
-        self._rng.manual_seed(int(torch.randint(2 ** 62, ())) if self.training_seed is None else self.training_seed)
         channels = self.configuration_manager.network_arch_init_kwargs["features_per_stage"][0]
         generator = AppearanceGenerator(self.num_input_channels, self.generator_hidden, self.generator_code_dim,
                                         self.bias_degree, self.max_log_bias,
@@ -112,20 +108,6 @@ class nnUNetTrainerDCLSeg(nnUNetTrainerCLBase):
 
     def build_extra_optimizers(self):
         return {"generator": torch.optim.Adam(self.cl_modules["generator"].parameters(), lr=self.generator_lr)}
-
-    def cl_extra_state(self) -> dict:
-        return {"rng": self._rng.get_state()}
-
-    def load_cl_extra_state(self, state: dict) -> None:
-        if "rng" in state:
-            self._rng.set_state(state["rng"].cpu())  # (a checkpoint read with map_location cuda)
-
-    def sample_generators(self, n: int) -> list:
-        """One torch.Generator per sample of this rank's batch, seeded by one draw of the run's stream per step and
-        the sample's index in the global batch: a sample's code and anchors do not depend on how many ranks share
-        the batch (2 processes draw what 1 process draws for the whole batch)."""
-        base = int(torch.randint(2 ** 62, (), generator=self._rng))
-        return [torch.Generator().manual_seed(base + rank() * n + i) for i in range(n)]
 
     def step_inputs(self, batch: dict):
         x = batch["data"]

@@ -5,10 +5,11 @@ A new method adds its rows here; nothing else names its variants. Rows:
   - `_<P>pt_<F>ft`: P pretraining epochs, then F fine-tuning epochs, 250 iterations each as in nnU-Net;
   - `_quick`: a first look at a method on a CPU: 5 short pretraining epochs, then 5 short fine-tuning epochs;
   - method options (PolyCL's strategies, SepaReg's objective, distillation loss and k, SuperCL's ASP and
-    instance term, DCL-Seg's ablations).
+    instance term, DCL-Seg's and PCLMix's ablations).
 """
 from nnunet_cl_trainers.base import attribute_variant
 from nnunet_cl_trainers.dclseg import nnUNetTrainerDCLSeg
+from nnunet_cl_trainers.pclmix import nnUNetTrainerPCLMix
 from nnunet_cl_trainers.polycl import nnUNetTrainerPolyCL, nnUNetTrainerPolyCLPretrain
 from nnunet_cl_trainers.separeg import nnUNetTrainerSepaReg, nnUNetTrainerSepaRegPretrain
 from nnunet_cl_trainers.simclr import nnUNetTrainerSimCLR, nnUNetTrainerSimCLRPretrain
@@ -56,6 +57,11 @@ VARIANTS += [
     (nnUNetTrainerDCLSeg, "nnUNetTrainerDCLSeg_250epochs", dict(finetune_epochs=250), None),
     (nnUNetTrainerDCLSeg, "nnUNetTrainerDCLSeg_noBoundary", dict(boundary_fraction=0.0),
      "DCL-Seg with anchors drawn uniformly, boundary voxels not oversampled (an ablation)."),
+    (nnUNetTrainerPCLMix, "nnUNetTrainerPCLMix_250epochs", dict(finetune_epochs=250), None),
+    (nnUNetTrainerPCLMix, "nnUNetTrainerPCLMix_ln2", dict(uncertainty_paper_ln2=True),
+     "PCLMix with the paper's uncertainty threshold, 0.75..1 x ln 2 (the default scales it to ln C)."),
+    (nnUNetTrainerPCLMix, "nnUNetTrainerPCLMix_noContrast", dict(contrast_weight=0.0),
+     "PCLMix without the pixel contrast: dual decoder, dynamic mix and consistency only (an ablation)."),
 ]
 # quick variants: one per family, the same name pattern for all
 VARIANTS += [
@@ -71,6 +77,9 @@ VARIANTS += [
      "SuperCL, a first look: supervoxels of the pool, 5 x 10 pretraining steps, then 5 x 10 fine-tuning steps."),
     (nnUNetTrainerDCLSeg, "nnUNetTrainerDCLSeg_quick", dict(finetune_epochs=5, **_QUICK_ITERATIONS),
      "DCL-Seg, a first look: 5 x 10 supervised steps with learned positives and voxel contrast (no pretraining)."),
+    (nnUNetTrainerPCLMix, "nnUNetTrainerPCLMix_quick",
+     dict(finetune_epochs=5, contrast_start_iteration=10, **_QUICK_ITERATIONS),
+     "PCLMix, a first look: 5 x 10 steps with dual decoder, mix and consistency; the contrast from step 10."),
 ]
 
 for _base, _name, _attrs, _doc in VARIANTS:

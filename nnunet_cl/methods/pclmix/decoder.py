@@ -1,0 +1,54 @@
+"""PCLMix's second, heterogeneous decoder and its voxel embedding head, built on nnU-Net's encoder.
+
+The stock decoder upsamples with transposed convolutions, concatenates the skip and runs two convolutions per stage,
+with deep supervision. This one differs in each of those (the paper pairs a CNN decoder with a transformer one):
+interpolation (trilinear / bilinear) and a 1x1 projection, the skip added rather than concatenated, one convolution
+per stage, dropout, and one full-resolution output. It costs about a third of the stock decoder.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["UpsampleAddDecoder", "embedding_head"]
+
+
+class UpsampleAddDecoder(nn.Module):
+    """skips (encoder outputs, bottleneck last) -> (B, num_classes, *skips[0].shape[2:]) logits.
+
+    Args:
+        channels: the encoder's output channels per stage (``encoder.output_channels``).
+        conv_op, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs: the encoder's building blocks.
+        dropout: channel dropout after each stage's convolution.
+    """
+
+    def __init__(self, channels, num_classes: int, conv_op=nn.Conv3d, norm_op=nn.InstanceNorm3d,
+                 norm_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs=None, dropout: float = 0.1):
+        super().__init__()
+        channels = list(channels)
+        norm_op_kwargs = dict(norm_op_kwargs or {"eps": 1e-5, "affine": True})
+        nonlin_kwargs = dict(nonlin_kwargs or {"inplace": True})
+        drop = {nn.Conv3d: nn.Dropout3d, nn.Conv2d: nn.Dropout2d}.get(conv_op, nn.Dropout)
+        self.mode = "trilinear" if conv_op is nn.Conv3d else "bilinear"
+        self.project = nn.ModuleList(conv_op(channels[s + 1], channels[s], 1) for s in range(len(channels) - 1))
+        self.stages = nn.ModuleList(
+            nn.Sequential(conv_op(channels[s], channels[s], 3, padding=1), norm_op(channels[s], **norm_op_kwargs),
+                          nonlin(**nonlin_kwargs), drop(dropout) if dropout > 0 else nn.Identity())
+            for s in range(len(channels) - 1))
+        self.seg = conv_op(channels[0], num_classes, 1)
+
+    def forward(self, skips) -> torch.Tensor:
+        x = skips[-1]
+        for s in reversed(range(len(skips) - 1)):
+            x = F.interpolate(x, size=skips[s].shape[2:], mode=self.mode, align_corners=False)
+            x = self.stages[s](self.project[s](x) + skips[s])
+        return self.seg(x)
+
+
+def embedding_head(channels: int, dim: int, conv_op=nn.Conv3d, norm_op=nn.InstanceNorm3d) -> nn.Sequential:
+    """The authors' projection, voxel-wise: 1x1 conv, normalisation, ReLU, 1x1 conv to ``dim`` (L2-normalise after).
+    Instance normalisation instead of their BatchNorm: statistics per image, so a distributed run (a few patches
+    per process) normalises as one process does."""
+    return nn.Sequential(conv_op(channels, channels, 1), norm_op(channels, affine=True), nn.ReLU(inplace=True),
+                         conv_op(channels, dim, 1))

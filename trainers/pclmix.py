@@ -1,0 +1,223 @@
+"""PCLMix (scribble supervision with a dual decoder, dynamic mix and uncertainty-guided pixel contrast; Lei et al.
+2024, METHODS_SPEC §5) as an auxiliary loss of nnU-Net's supervised training, in 3-D (docs/methods/pclmix.md).
+
+Scribbles reach nnU-Net as its ignore label (nnUNetv2_cl_scribbles_to_nnunet), so nnU-Net's Dice + CE is already the
+partial loss. Each step:
+  1. mix: every patch x_j gets a random box (about mix_fraction of the volume) filled from itself and the rest from
+     its partner in the batch (nnunet_cl.methods.pclmix.mix); scribbles are mixed with the same box;
+  2. one forward of [x; x_mix] through the stock network (encoder + stock decoder) and the second decoder;
+  3. nnU-Net's loss on [x; x_mix] against [scribbles; mixed scribbles] (stock decoder), and the same loss for the
+     second decoder (weight aux_decoder_weight);
+  4. the mix's pseudo-label: the box from one decoder's detached prediction on x_j, the rest from the other
+     decoder's on the partner (a coin flip per sample picks which), argmax; CE against it for both decoders;
+  5. the certainty pseudo-label of x: argmax of the decoders' mean, -1 where its entropy exceeds the ramped
+     threshold, scribbles written over it; hard and easy anchors per class from the embedding head's map are
+     contrasted against the class-wise memory (weight contrast_weight * (it / max_it)^0.9 from
+     contrast_start_iteration on); then the image's class means enter the memory;
+  6. consistency: MSE between the two decoders' logits on clean and mixed patches (sigmoid ramp-up).
+Prediction and export use the stock network alone; the second decoder, head and memory live in cl_modules.
+"""
+import torch
+import torch.nn.functional as F
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from torch import nn
+
+from nnunet_cl.distributed import is_distributed, sum_with_grad, world_size
+from nnunet_cl.methods.pclmix import (ClassQueue, UpsampleAddDecoder, anchors_per_class, box_masks, certainty_labels,
+                                      class_means, count_class_pairs, embedding_head, mix, mix_partners,
+                                      queue_pixel_contrast, resize_mask, sample_class_anchors, sigmoid_rampup,
+                                      uncertainty_threshold)
+from nnunet_cl.paths import NnUNetCLError
+from nnunet_cl_trainers.base import nnUNetTrainerCLBase
+
+
+def _scales(target):
+    return list(target) if isinstance(target, (list, tuple)) else [target]
+
+
+class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
+    """nnU-Net's (partial) supervised training plus PCLMix's second decoder, dynamic mix, pixel contrast and
+    consistency.
+
+    Hyperparameters (attributes; a variant changes them in its own __init__):
+      aux_decoder_weight      the second decoder's losses (0.4, the authors' README; their scripts use 0.1)
+      mix_fraction            volume share of the mix box (0.2)
+      mix_pseudo_weight       CE of both decoders against the mix's pseudo-label (1.0)
+      contrast_weight         w in w * (it / max_it)^contrast_ramp_power (0.1, power 0.9)
+      contrast_start_iteration  no contrast before this step of the stage (1000)
+      temperature, base_temperature  tau and tau_b of the contrast (0.07, 0.07)
+      max_anchors, max_anchors_per_class  anchors per batch and per (image, class) (1024, 100)
+      queue_size              memory slots per foreground class (500)
+      embedding_dim, embedding_stage  the head's output (128) on encoder stage 3 (stride 8; the deepest if fewer)
+      consistency_weight      MSE between the decoders' logits, ramped up over the stage (0.1)
+      uncertainty_paper_ln2   threshold ramp 0.75..1 x ln 2 (the paper) instead of x ln C (False)
+      aux_dropout             dropout in the second decoder (0.1)
+    """
+
+    loss_terms = ("aux_decoder", "mix", "contrast", "consistency")
+    has_pretraining = False
+    has_auxiliary_loss = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.pretrain_epochs = 0
+        self.finetune_epochs = self.num_epochs  # nnU-Net's 1000
+        self.aux_decoder_weight = 0.4
+        self.mix_fraction = 0.2
+        self.mix_pseudo_weight = 1.0
+        self.contrast_weight = 0.1
+        self.contrast_ramp_power = 0.9
+        self.contrast_start_iteration = 1000
+        self.temperature = 0.07
+        self.base_temperature = 0.07
+        self.max_anchors = 1024
+        self.max_anchors_per_class = 100
+        self.queue_size = 500
+        self.embedding_dim = 128
+        self.embedding_stage = 3
+        self.consistency_weight = 0.1
+        self.uncertainty_paper_ln2 = False
+        self.aux_dropout = 0.1
+        self._iteration = 0  # step within the fine-tuning stage (ramps), from the epoch: right after --c too
+
+    # ---------------------------------------------------------------- set-up
+    def check_settings(self) -> None:
+        super().check_settings()
+        problems = []
+        if not 0 < self.mix_fraction < 1:
+            problems.append(f"mix_fraction={self.mix_fraction} (in (0, 1))")
+        if not (self.temperature > 0 and self.base_temperature > 0):
+            problems.append(f"temperature={self.temperature}, base_temperature={self.base_temperature} (> 0)")
+        for name in ("aux_decoder_weight", "mix_pseudo_weight", "contrast_weight", "consistency_weight"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)} (>= 0)")
+        for name in ("max_anchors", "max_anchors_per_class", "queue_size", "embedding_dim"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                problems.append(f"{name}={getattr(self, name)!r} (a whole number >= 1)")
+        if self.label_manager.has_regions:
+            problems.append("region-based labels (the pseudo-labels and the contrast need one class per voxel)")
+        per_rank = int(self.configuration_manager.batch_size) // max(world_size() if self.is_ddp else 1, 1)
+        if per_rank < 2:
+            problems.append(f"{per_rank} patch per process (the mix pairs patches of one process: use a batch size "
+                            f"of at least 2 per process)")
+        if self.is_ddp and per_rank % 2:
+            problems.append(f"an odd batch of {per_rank} per process (mix pairs would depend on the split; use an "
+                            f"even batch size per process)")
+        if problems:
+            raise NnUNetCLError(f"{type(self).__name__}: " + "; ".join(problems) + ". Fix: set these attributes "
+                                f"in your variant to the ranges given, or change the plans' batch size.")
+        if self.label_manager.ignore_label is None:
+            self.print_to_log_file(f"{type(self).__name__}: the dataset has no ignore label, so every voxel counts as "
+                                   f"annotated (for scribbles: nnUNetv2_cl_scribbles_to_nnunet)")
+
+    def build_cl_modules(self) -> nn.ModuleDict:
+        encoder = self.unwrapped_network.encoder
+        channels = list(encoder.output_channels)
+        self.embedding_stage_used = min(self.embedding_stage, len(channels) - 1)
+        # every encoder stage: the second decoder reads all skips of the step's one encoder pass
+        self.feature_request = {"encoder": tuple(range(len(channels)))}
+        decoder = UpsampleAddDecoder(channels, self.label_manager.num_segmentation_heads, encoder.conv_op,
+                                     encoder.norm_op, encoder.norm_op_kwargs, encoder.nonlin, encoder.nonlin_kwargs,
+                                     self.aux_dropout)
+        head = embedding_head(channels[self.embedding_stage_used], self.embedding_dim, encoder.conv_op,
+                              encoder.norm_op)
+        memory = ClassQueue(self.label_manager.foreground_labels, self.queue_size, self.embedding_dim)
+        self.aux_loss = DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5,
+                                        "do_bg": False, "ddp": self.is_ddp}, {}, weight_ce=1, weight_dice=1,
+                                       ignore_label=self.label_manager.ignore_label,
+                                       dice_class=MemoryEfficientSoftDiceLoss)
+        return nn.ModuleDict({"aux_decoder": decoder, "head": head, "memory": memory})
+
+    def initialize(self):
+        super().initialize()
+        self.aux_loss.dc.ddp = self.is_ddp  # (built while nnU-Net's set-up ran without DDP)
+
+    @property
+    def max_iterations(self) -> int:
+        return max(self.finetune_epochs * self.finetune_iterations_per_epoch, 1)
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._iteration = (self.current_epoch - self.pretrain_epochs) * self.finetune_iterations_per_epoch
+
+    # ---------------------------------------------------------------- the step
+    def step_inputs(self, batch: dict):
+        x, target = batch["data"], _scales(batch["target"])
+        n = x.shape[0]
+        batch["generators"] = self.sample_generators(n)
+        masks = box_masks((n, *x.shape[2:]), self.mix_fraction, batch["generators"]).to(x.device)
+        partner = mix_partners(n).to(x.device)
+        batch["mask"], batch["partner"] = masks, partner
+        batch["coin"] = torch.stack([torch.rand((), generator=g) < 0.5 for g in batch["generators"]]).to(x.device)
+        x_mix = mix(x, x[partner], masks)
+        mixed = [torch.cat([t, mix(t, t[partner], resize_mask(masks, t.shape[2:]))]) for t in target]
+        return torch.cat([x, x_mix]), (mixed if isinstance(batch["target"], (list, tuple)) else mixed[0])
+
+    def auxiliary_losses(self, batch: dict, output, features: dict) -> dict:
+        n = batch["data"].shape[0]
+        skips = [features[f"enc{i}"] for i in range(len(self.feature_request["encoder"]))]
+        main = output[0] if isinstance(output, (list, tuple)) else output  # full resolution, (2n, C, *S)
+        aux = self.cl_modules["aux_decoder"](skips)
+        scribbles = _scales(batch["target"])[0]  # (n, 1, *S), ignore label where unannotated
+        mixed_scribbles = mix(scribbles, scribbles[batch["partner"]], batch["mask"])
+        terms = {"aux_decoder": self.aux_decoder_weight * self.aux_loss(aux, torch.cat([scribbles, mixed_scribbles]))}
+
+        # the mix's pseudo-label: box from decoder A on x_j, the rest from decoder B on the partner
+        with torch.no_grad():
+            p_main, p_aux = torch.softmax(main[:n].float(), 1), torch.softmax(aux[:n].float(), 1)
+            coin = batch["coin"].view(-1, *[1] * (main.dim() - 1))
+            p_a, p_b = torch.where(coin, p_main, p_aux), torch.where(coin, p_aux, p_main)
+            pseudo = mix(p_a, p_b[batch["partner"]], batch["mask"]).argmax(1)
+        terms["mix"] = self.mix_pseudo_weight * (F.cross_entropy(main[n:], pseudo) +
+                                                 self.aux_decoder_weight * F.cross_entropy(aux[n:], pseudo))
+        terms["contrast"] = self._contrast(batch, features[f"enc{self.embedding_stage_used}"][:n], p_main, p_aux,
+                                           scribbles)
+        ramp = sigmoid_rampup(self._iteration, self.max_iterations)
+        terms["consistency"] = self.consistency_weight * ramp * F.mse_loss(main.float(), aux.float())
+        return terms
+
+    def _contrast(self, batch, feature_map, p_main, p_aux, scribbles):
+        """The pixel contrast of this step's clean patches against the memory; their class means wait in the batch
+        for on_after_step, which pushes them after the optimiser's step (this step contrasts the old memory)."""
+        emb = F.normalize(self.cl_modules["head"](feature_map).float(), dim=1)  # (n, D, *s)
+        threshold = uncertainty_threshold(self._iteration, self.max_iterations, self.label_manager.num_segmentation_heads,
+                                          self.uncertainty_paper_ln2)
+        labels = certainty_labels((p_main + p_aux) / 2, scribbles, threshold, self.label_manager.ignore_label)
+        prediction = p_main.argmax(1)
+        size = emb.shape[2:]  # labels and prediction at the embedding's resolution (nearest, as the authors)
+        labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long().flatten(1)
+        prediction = F.interpolate(prediction[:, None].float(), size=size, mode="nearest")[:, 0].long().flatten(1)
+        flat = emb.flatten(2)
+        batch["enqueue"] = class_means(flat.detach(), labels, self.label_manager.foreground_labels)
+        weight = 0.0 if self._iteration < self.contrast_start_iteration else \
+            self.contrast_weight * (self._iteration / self.max_iterations) ** self.contrast_ramp_power
+        keys, key_labels = self.cl_modules["memory"].keys()
+        if weight == 0 or keys.shape[0] == 0:
+            return flat.sum() * 0.0  # (in the graph: the head takes part in every step, as DDP expects)
+        pairs = count_class_pairs(labels)
+        if self.is_ddp:  # n_view from the whole batch's (image, class) pairs
+            pairs = int(sum_with_grad(torch.tensor(float(pairs), device=flat.device)).item())
+        n_view = anchors_per_class(pairs, self.max_anchors, self.max_anchors_per_class)
+        b_idx, v_idx, classes, _ = sample_class_anchors(labels, prediction, n_view, generators=batch["generators"])
+        anchors = flat[b_idx, :, v_idx]
+        per_anchor = queue_pixel_contrast(anchors, classes, keys, key_labels, self.temperature, self.base_temperature,
+                                          reduction="none")
+        counted = (classes == 0) | torch.isin(classes, key_labels)
+        total, count = per_anchor.sum(), counted.sum().float()
+        if self.is_ddp:  # the mean over every rank's anchors, with gradients to each rank's anchors
+            total, count = sum_with_grad(total), sum_with_grad(count.detach())
+        return weight * total / count.clamp_min(1)
+
+    def on_after_step(self, batch: dict, terms: dict) -> None:
+        self._iteration += 1
+        rows, classes = batch.get("enqueue", (None, None))
+        if rows is None:
+            return
+        if is_distributed() and self.is_ddp:  # every rank pushes every rank's rows, in rank order
+            gathered = [None] * world_size()
+            torch.distributed.all_gather_object(gathered, (rows.cpu(), classes.cpu()))
+            rows = torch.cat([r for r, _ in gathered]).to(self.device)
+            classes = torch.cat([c for _, c in gathered]).to(self.device)
+        self.cl_modules["memory"].push(rows, classes)
