@@ -4,8 +4,9 @@ the whole batch, through the trainers' own train_step.
 Checked for SimCLR, PolyCL (pairs across ranks), SuperCL (IGCP's graph over every rank's patches and a queue),
 SepaReg (SimSiam and BYOL region phase, heads with
 cross-rank BatchNorm), an auxiliary-loss trainer (nnU-Net's segmentation loss plus a gathered InfoNCE while
-fine-tuning) and DCL-Seg (learned positives made inside the step, a gathered voxel contrast, the generator's own
-optimiser and its exact ascent gradient):
+fine-tuning), DCL-Seg (learned positives made inside the step, a gathered voxel contrast, the generator's own
+optimiser and its exact ascent gradient) and PCLMix (mixed patches, a second decoder, a pixel contrast over every
+rank's anchors and a memory every rank pushes to):
   * the mean over ranks of the step loss equals the single-process loss (rtol 1e-5);
   * after the first step every gradient (network and extra modules), as DDP averaged it, equals the
     single-process gradient, on both ranks;
@@ -25,8 +26,8 @@ import torch.multiprocessing as mp
 
 from nnunet_cl.heads import pooled_embedding
 from nnunet_cl.losses import info_nce_two_views
-from nnunet_cl_trainers import (nnUNetTrainerDCLSeg, nnUNetTrainerPolyCL, nnUNetTrainerSepaReg, nnUNetTrainerSimCLR,
-                                nnUNetTrainerSuperCL)
+from nnunet_cl_trainers import (nnUNetTrainerDCLSeg, nnUNetTrainerPCLMix, nnUNetTrainerPolyCL, nnUNetTrainerSepaReg,
+                                nnUNetTrainerSimCLR, nnUNetTrainerSuperCL)
 from nnunet_cl_trainers.base import FINETUNE, PRETRAIN
 
 from helpers import fake_preprocessed_folder, tiny_plans
@@ -93,6 +94,18 @@ def finetune_batch(step):
     return {"data": x, "data2": x2, "target": target}, ("data", "data2", "target")
 
 
+def scribble_batch(step):
+    """Two classes annotated on every 4th slice of each patch, 2 (the ignore label) elsewhere: every sample (and every
+    mix of two) has the same number of annotated voxels, so the ranks' partial-loss means average to the global one."""
+    g = torch.Generator().manual_seed(step)
+    x = torch.nn.functional.avg_pool3d(torch.randn((4, 1, 16, 16, 16), generator=g), 5, 1, 2) * 5
+    target = torch.full_like(x, 2.0)
+    target[:, :, ::4] = (x[:, :, ::4] > 0).to(x.dtype)
+    return {"data": x, "target": target}, ("data", "target")
+
+
+SCRIBBLE_JSON = {**DATASET_JSON, "labels": {"background": 0, "organ": 1, "ignore": 2}}
+
 CASES = {
     "simclr": (nnUNetTrainerSimCLR, simclr_batch, {}),
     "polycl": (nnUNetTrainerPolyCL, polycl_batch, {"pretrain_patch_size": [16, 16, 16]}),
@@ -107,6 +120,11 @@ CASES = {
     "auxiliary": (AuxInfoNCETrainer, finetune_batch, {"pretrain_epochs": 0, "enable_deep_supervision": False}),
     # learned positives inside the wrapped step, the voxel contrast gathered, the generator's own optimiser
     "dclseg": (nnUNetTrainerDCLSeg, finetune_batch, {"enable_deep_supervision": False, "anchors_per_sample": 32}),
+    # mix pairs within each rank, the pixel contrast's mean over every rank's anchors, the memory fed by all ranks
+    "pclmix": (nnUNetTrainerPCLMix, scribble_batch, {"enable_deep_supervision": False, "contrast_start_iteration": 0,
+                                                     "finetune_epochs": 1, "finetune_iterations_per_epoch": STEPS,
+                                                     "queue_size": 6, "max_anchors": 64, "aux_dropout": 0.0,
+                                                     "_dataset_json": SCRIBBLE_JSON, "_batch_size": 4}),
 }
 
 
@@ -130,12 +148,15 @@ def _worker(rank: int, world: int, port: int, root: str, case: str) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     cls, make_batch, attrs = CASES[case]
-    trainer = cls(tiny_plans(), "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))
+    attrs = dict(attrs)
+    plans = tiny_plans()
+    plans["configurations"]["3d_fullres"]["batch_size"] = attrs.pop("_batch_size", 2)
+    trainer = cls(plans, "3d_fullres", 0, dict(attrs.pop("_dataset_json", DATASET_JSON)), torch.device("cpu"))
     for k, v in {"training_seed": 0, **attrs}.items():
         setattr(trainer, k, v)
     trainer.initialize()
     assert trainer.is_ddp == (world > 1)
-    assert trainer.stage() == (FINETUNE if case in ("auxiliary", "dclseg") else PRETRAIN)
+    assert trainer.stage() == (FINETUNE if case in ("auxiliary", "dclseg", "pclmix") else PRETRAIN)
     named = list(trainer.unwrapped_network.named_parameters()) + \
         [("cl." + n, p) for n, p in trainer.cl_modules.named_parameters()]
     losses, grads = [], None

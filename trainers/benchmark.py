@@ -172,19 +172,24 @@ for _trainer, _ in METHODS.values():
     _define(getattr(_package, _trainer))
 
 
-def _dclseg_schedule(suffix: str) -> type:
-    """nnUNetTrainerDCLSeg on a benchmark schedule's supervised budget (the same epochs and iterations as
-    nnUNetTrainer_<suffix>), seeded; the robustness benchmark compares the two (docs/benchmarks.md "Robustness")."""
+def _supervised_schedule(base: type, suffix: str, **extra) -> type:
+    """An auxiliary-loss method on a benchmark schedule's supervised budget (the same epochs and iterations as
+    nnUNetTrainer_<suffix>), seeded; its benchmark compares the two (docs/benchmarks.md "Robustness", "PCLMix")."""
     epochs, iterations, val_iterations = SCHEDULES[suffix]["finetune"]
-    name = f"nnUNetTrainerDCLSeg_{suffix}"
-    return attribute_variant(_package.nnUNetTrainerDCLSeg, name, __name__, f"DCL-Seg with the supervised budget of "
+    name = f"{base.__name__}_{suffix}"
+    return attribute_variant(base, name, __name__, f"{base.__name__} with the supervised budget of "
                              f"nnUNetTrainer_{suffix} ({epochs} x {iterations} steps).", finetune_epochs=epochs,
                              finetune_iterations_per_epoch=iterations, finetune_val_iterations_per_epoch=val_iterations,
-                             save_every=1, training_seed=0)
+                             save_every=1, training_seed=0, **extra)
 
 
-nnUNetTrainerDCLSeg_clBench = _dclseg_schedule("clBench")
-nnUNetTrainerDCLSeg_clBenchQuick = _dclseg_schedule("clBenchQuick")
+nnUNetTrainerDCLSeg_clBench = _supervised_schedule(_package.nnUNetTrainerDCLSeg, "clBench")
+nnUNetTrainerDCLSeg_clBenchQuick = _supervised_schedule(_package.nnUNetTrainerDCLSeg, "clBenchQuick")
+# PCLMix's contrast starts after 1/60 of the steps, as the authors' 1000 of 60k iterations
+nnUNetTrainerPCLMix_clBench = _supervised_schedule(_package.nnUNetTrainerPCLMix, "clBench",
+                                                   contrast_start_iteration=40 * 25 // 60)
+nnUNetTrainerPCLMix_clBenchQuick = _supervised_schedule(_package.nnUNetTrainerPCLMix, "clBenchQuick",
+                                                        contrast_start_iteration=16 * 25 // 60)
 
 
 # only the classes defined here: re-exporting nnUNetTrainer itself would confuse nnU-Net's name checks

@@ -32,6 +32,11 @@ from nnunet_cl.paths import NnUNetCLError
 from nnunet_cl_trainers.base import nnUNetTrainerCLBase
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors (under autocast) in float32; other dtypes as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _scales(target):
     return list(target) if isinstance(target, (list, tuple)) else [target]
 
@@ -134,6 +139,12 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         super().initialize()
         self.aux_loss.dc.ddp = self.is_ddp  # (built while nnU-Net's set-up ran without DDP)
 
+    def cl_extra_state(self) -> dict:
+        return {"iteration": self._iteration}
+
+    def load_cl_extra_state(self, state: dict) -> None:
+        self._iteration = int(state.get("iteration", self._iteration))
+
     @property
     def max_iterations(self) -> int:
         return max(self.finetune_epochs * self.finetune_iterations_per_epoch, 1)
@@ -166,7 +177,7 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
 
         # the mix's pseudo-label: box from decoder A on x_j, the rest from decoder B on the partner
         with torch.no_grad():
-            p_main, p_aux = torch.softmax(main[:n].float(), 1), torch.softmax(aux[:n].float(), 1)
+            p_main, p_aux = torch.softmax(_full(main[:n]), 1), torch.softmax(_full(aux[:n]), 1)
             coin = batch["coin"].view(-1, *[1] * (main.dim() - 1))
             p_a, p_b = torch.where(coin, p_main, p_aux), torch.where(coin, p_aux, p_main)
             pseudo = mix(p_a, p_b[batch["partner"]], batch["mask"]).argmax(1)
@@ -175,13 +186,13 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         terms["contrast"] = self._contrast(batch, features[f"enc{self.embedding_stage_used}"][:n], p_main, p_aux,
                                            scribbles)
         ramp = sigmoid_rampup(self._iteration, self.max_iterations)
-        terms["consistency"] = self.consistency_weight * ramp * F.mse_loss(main.float(), aux.float())
+        terms["consistency"] = self.consistency_weight * ramp * F.mse_loss(_full(main), _full(aux))
         return terms
 
     def _contrast(self, batch, feature_map, p_main, p_aux, scribbles):
         """The pixel contrast of this step's clean patches against the memory; their class means wait in the batch
         for on_after_step, which pushes them after the optimiser's step (this step contrasts the old memory)."""
-        emb = F.normalize(self.cl_modules["head"](feature_map).float(), dim=1)  # (n, D, *s)
+        emb = F.normalize(_full(self.cl_modules["head"](feature_map)), dim=1)  # (n, D, *s)
         threshold = uncertainty_threshold(self._iteration, self.max_iterations, self.label_manager.num_segmentation_heads,
                                           self.uncertainty_paper_ln2)
         labels = certainty_labels((p_main + p_aux) / 2, scribbles, threshold, self.label_manager.ignore_label)
@@ -198,14 +209,14 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
             return flat.sum() * 0.0  # (in the graph: the head takes part in every step, as DDP expects)
         pairs = count_class_pairs(labels)
         if self.is_ddp:  # n_view from the whole batch's (image, class) pairs
-            pairs = int(sum_with_grad(torch.tensor(float(pairs), device=flat.device)).item())
+            pairs = int(sum_with_grad(torch.tensor(float(pairs), device=flat.device)).round().item())
         n_view = anchors_per_class(pairs, self.max_anchors, self.max_anchors_per_class)
         b_idx, v_idx, classes, _ = sample_class_anchors(labels, prediction, n_view, generators=batch["generators"])
         anchors = flat[b_idx, :, v_idx]
         per_anchor = queue_pixel_contrast(anchors, classes, keys, key_labels, self.temperature, self.base_temperature,
                                           reduction="none")
         counted = (classes == 0) | torch.isin(classes, key_labels)
-        total, count = per_anchor.sum(), counted.sum().float()
+        total, count = per_anchor.sum(), counted.sum().to(per_anchor.dtype)
         if self.is_ddp:  # the mean over every rank's anchors, with gradients to each rank's anchors
             total, count = sum_with_grad(total), sum_with_grad(count.detach())
         return weight * total / count.clamp_min(1)

@@ -26,7 +26,9 @@ def queue_pixel_contrast(anchors: torch.Tensor, anchor_labels: torch.Tensor, key
     if anchors.dim() != 2 or keys.dim() != 2 or anchors.shape[1] != keys.shape[1]:
         raise ValueError(f"anchors (K, D) and keys (M, D) with the same D, got {tuple(anchors.shape)}, "
                          f"{tuple(keys.shape)}")
-    sim = anchors.float() @ keys.float().t() / temperature  # (K, M)
+    if anchors.dtype in (torch.float16, torch.bfloat16):  # (under autocast) the similarities in float32
+        anchors = anchors.float()
+    sim = anchors @ keys.to(anchors.dtype).t() / temperature  # (K, M)
     positive = anchor_labels[:, None] == key_labels[None, :]
     neg_inf = torch.tensor(float("-inf"), device=sim.device)
     neg_lse = torch.logsumexp(torch.where(positive, neg_inf, sim), dim=1, keepdim=True)  # (K, 1); -inf: no negative

@@ -35,18 +35,19 @@ def class_means(embeddings: torch.Tensor, labels: torch.Tensor, classes) -> tupl
 
 class ClassQueue(nn.Module):
     """``size`` slots per class for ``classes`` (the foreground ones), kept as buffers (saved in checkpoints,
-    restored with --c). Each class's slots are first in, first out."""
+    restored with --c). Each class's slots are first in, first out. ``dtype``: torch's default dtype if None."""
 
-    def __init__(self, classes, size: int, dim: int):
+    def __init__(self, classes, size: int, dim: int, dtype: torch.dtype | None = None):
         super().__init__()
         self.classes = [int(c) for c in classes]
-        self.queues = nn.ModuleList(FifoQueue(size, z=((dim,), torch.float32)) for _ in self.classes)
+        dtype = dtype or torch.get_default_dtype()
+        self.queues = nn.ModuleList(FifoQueue(size, z=((dim,), dtype)) for _ in self.classes)
 
     @torch.no_grad()
     def push(self, rows: torch.Tensor, row_classes: torch.Tensor) -> None:
         """Append each row to its class's queue, in order; rows of other classes are dropped."""
         for c, q in zip(self.classes, self.queues):
-            q.push(z=rows[row_classes == c].float())
+            q.push(z=rows[row_classes == c])
 
     def keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, D) stored embeddings of every class, (M,) their classes."""
