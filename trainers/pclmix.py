@@ -57,7 +57,7 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
       embedding_dim, embedding_stage  the head's output (128) on encoder stage 3 (stride 8; the deepest if fewer)
       consistency_weight      MSE between the decoders' logits, ramped up over the stage (0.1)
       uncertainty_paper_ln2   threshold ramp 0.75..1 x ln 2 (the paper) instead of x ln C (False)
-      aux_dropout             dropout in the second decoder (0.1)
+      aux_dropout, aux_width  the second decoder's dropout (0.1) and width, a fraction of the stock one's (0.5)
     """
 
     loss_terms = ("aux_decoder", "mix", "contrast", "consistency")
@@ -85,12 +85,15 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         self.consistency_weight = 0.1
         self.uncertainty_paper_ln2 = False
         self.aux_dropout = 0.1
+        self.aux_width = 0.5
         self._iteration = 0  # step within the fine-tuning stage (ramps), from the epoch: right after --c too
 
     # ---------------------------------------------------------------- set-up
     def check_settings(self) -> None:
         super().check_settings()
         problems = []
+        if not 0 < self.aux_width <= 4:
+            problems.append(f"aux_width={self.aux_width} (in (0, 4])")
         if not 0 < self.mix_fraction < 1:
             problems.append(f"mix_fraction={self.mix_fraction} (in (0, 1))")
         if not (self.temperature > 0 and self.base_temperature > 0):
@@ -125,7 +128,7 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         self.feature_request = {"encoder": tuple(range(len(channels)))}
         decoder = UpsampleAddDecoder(channels, self.label_manager.num_segmentation_heads, encoder.conv_op,
                                      encoder.norm_op, encoder.norm_op_kwargs, encoder.nonlin, encoder.nonlin_kwargs,
-                                     self.aux_dropout)
+                                     self.aux_dropout, self.aux_width)
         head = embedding_head(channels[self.embedding_stage_used], self.embedding_dim, encoder.conv_op,
                               encoder.norm_op)
         memory = ClassQueue(self.label_manager.foreground_labels, self.queue_size, self.embedding_dim)
