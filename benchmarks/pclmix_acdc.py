@@ -12,7 +12,7 @@ interrupted training continues with --c. Each command is logged with its wall ti
 
 Usage:
   python benchmarks/pclmix_acdc.py --work /work/pclmix_bench --folds 0 1 2 --schedule clBenchQuick \
-      --patch 8 96 96 --batch_size 2 --width 16
+      --patch 8 128 128 --batch_size 2 --width 16
   python benchmarks/pclmix_acdc.py --work /work/pclmix_bench --folds 0 1 2 --schedule clBenchQuick --report_only
 """
 import argparse
@@ -124,7 +124,7 @@ def main():
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--schedule", default="clBenchQuick", choices=["clBench", "clBenchQuick"])
-    parser.add_argument("--patch", type=int, nargs=3, default=[8, 96, 96])
+    parser.add_argument("--patch", type=int, nargs=3, default=[8, 128, 128])
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--report_only", action="store_true")

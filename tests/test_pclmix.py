@@ -231,12 +231,15 @@ def test_another_unannotated_value_is_moved_to_the_highest_label(tmp_path, nnune
 
 
 @pytest.mark.parametrize("problem,match", [({"break_case": "patient003_frame12"}, "patient003_frame12 does not match"),
-                                           ({"drop_class": 2}, "MYO have no scribble")])
+                                           ({"drop_class": 2}, "MYO have no scribble"),
+                                           ({"group": r"^(case\d+)"}, "do not match --group")])
 def test_bad_scribbles_are_refused_with_the_fix_and_nothing_written(tmp_path, nnunet_env, problem, match):
-    from nnunet_cl.methods.pclmix.scribbles import convert_scribbles
+    from nnunet_cl.methods.pclmix.scribbles import DEFAULT_GROUP, convert_scribbles
+    problem = dict(problem)
+    group = problem.pop("group", DEFAULT_GROUP)
     _scribble_dataset(tmp_path / "src", **problem)
     with pytest.raises(NnUNetCLError, match=match) as e:
-        convert_scribbles(str(tmp_path / "src"), 964, "Bad", progress=False)
+        convert_scribbles(str(tmp_path / "src"), 964, "Bad", group=group, progress=False)
     assert "Fix:" in str(e.value)
     assert list(nnunet_env["nnUNet_raw"].iterdir()) == []
 
@@ -287,6 +290,40 @@ def test_the_step_mixes_and_feeds_clean_and_mixed_patches_in_one_batch(pclmix_tr
     assert torch.equal(data[2:], m * batch["data"] + (1 - m) * batch["data"][p])
     assert torch.equal(target[0][2:], torch.where(m.bool(), batch["target"][0], batch["target"][0][p]))
     assert all(t.shape[0] == 4 for t in target)
+
+
+def test_the_mix_pseudo_label_takes_the_box_from_one_decoder_and_the_rest_from_the_other(pclmix_trainer):
+    """Each decoder's softmax is made to say one class everywhere (stock decoder: class 1, second decoder: class 2,
+    through their output biases); then the box must be one decoder's class and the rest the other's, per the coin."""
+    trainer = pclmix_trainer()
+    net, aux = trainer.unwrapped_network, trainer.cl_modules["aux_decoder"]
+    with torch.no_grad():
+        for seg in net.decoder.seg_layers:
+            seg.weight.zero_()
+            seg.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
+        aux.seg.weight.zero_()
+        aux.seg.bias.copy_(torch.tensor([0.0, 0.0, 50.0]))
+    captured = {}
+    original = F.cross_entropy
+
+    def spy(logits, target, *args, **kwargs):
+        if "ignore_index" not in kwargs:  # the mix term's calls (nnU-Net's partial CE passes its ignore index)
+            captured.setdefault("pseudo", target)
+        return original(logits, target, *args, **kwargs)
+    batch = _scribbled_batch(trainer)
+    data, target = trainer.step_inputs(batch)
+    output, features = trainer.forward_features(data, encoder=trainer.feature_request["encoder"])
+    import nnunet_cl_trainers.pclmix as module
+    module.F.cross_entropy = spy
+    try:
+        trainer.auxiliary_losses(batch, output, features)
+    finally:
+        module.F.cross_entropy = original
+    pseudo, box = captured["pseudo"], batch["mask"][:, 0].bool()
+    for j, coin in enumerate(batch["coin"].tolist()):
+        inside, outside = (1, 2) if coin else (2, 1)  # coin: the stock decoder fills the box
+        assert (pseudo[j][box[j]] == inside).all() and (pseudo[j][~box[j]] == outside).all()
+    assert set(batch["coin"].tolist()) <= {True, False}
 
 
 def test_steps_lower_the_loss_fill_the_memory_and_keep_the_extra_modules_out_of_the_network(pclmix_trainer):

@@ -599,8 +599,9 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
             for name, opt_state in state.get("extra_optimizers", {}).items():
                 self.extra_optimizers[name].load_state_dict(opt_state)
             self.load_cl_extra_state(state["extra"])
-            if "step_rng" in state:
-                self._step_rng.set_state(state["step_rng"].cpu())  # (a checkpoint read with map_location cuda)
+            rng = state.get("step_rng", state["extra"].get("rng"))  # ("rng": DCL-Seg's checkpoints before the base had it)
+            if rng is not None:
+                self._step_rng.set_state(rng.cpu())  # (a checkpoint read with map_location cuda)
         self.my_init_kwargs = checkpoint["init_args"]
         self.logger.load_checkpoint(checkpoint["logging"])
         self._best_ema = checkpoint["_best_ema"]

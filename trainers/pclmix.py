@@ -48,11 +48,13 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
     Hyperparameters (attributes; a variant changes them in its own __init__):
       aux_decoder_weight      the second decoder's losses (0.4, the authors' README; their scripts use 0.1)
       mix_fraction            volume share of the mix box (0.2)
-      mix_pseudo_weight       CE of both decoders against the mix's pseudo-label (1.0)
+      mix_pseudo_weight       CE of both decoders against the mix's pseudo-label (0.5: nnU-Net's loss averages the
+                              clean and mixed scribble terms, so this keeps the paper's 1 : 1 : 1)
       contrast_weight         w in w * (it / max_it)^contrast_ramp_power (0.1, power 0.9)
       contrast_start_iteration  no contrast before this step of the stage (1000)
       temperature, base_temperature  tau and tau_b of the contrast (0.07, 0.07)
       max_anchors, max_anchors_per_class  anchors per batch and per (image, class) (1024, 100)
+      min_class_voxels        an (image, class) gives anchors if it has this many voxels on the embedding map (10)
       queue_size              memory slots per foreground class (500)
       embedding_dim, embedding_stage  the head's output (128) on encoder stage 3 (stride 8; the deepest if fewer)
       consistency_weight      MSE between the decoders' logits, ramped up over the stage (0.1)
@@ -71,7 +73,7 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         self.finetune_epochs = self.num_epochs  # nnU-Net's 1000
         self.aux_decoder_weight = 0.4
         self.mix_fraction = 0.2
-        self.mix_pseudo_weight = 1.0
+        self.mix_pseudo_weight = 0.5  # the paper's 1 : 1 : 1 of clean, mixed and pseudo-label terms (see the doc)
         self.contrast_weight = 0.1
         self.contrast_ramp_power = 0.9
         self.contrast_start_iteration = 1000
@@ -79,6 +81,7 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         self.base_temperature = 0.07
         self.max_anchors = 1024
         self.max_anchors_per_class = 100
+        self.min_class_voxels = 10
         self.queue_size = 500
         self.embedding_dim = 128
         self.embedding_stage = 3
@@ -87,6 +90,7 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         self.aux_dropout = 0.1
         self.aux_width = 0.5
         self._iteration = 0  # step within the fine-tuning stage (ramps), from the epoch: right after --c too
+        self._enqueue = (None, None)  # this step's class means, pushed into the memory after the optimiser's step
 
     # ---------------------------------------------------------------- set-up
     def check_settings(self) -> None:
@@ -101,7 +105,7 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         for name in ("aux_decoder_weight", "mix_pseudo_weight", "contrast_weight", "consistency_weight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} (>= 0)")
-        for name in ("max_anchors", "max_anchors_per_class", "queue_size", "embedding_dim"):
+        for name in ("max_anchors", "max_anchors_per_class", "queue_size", "embedding_dim", "min_class_voxels"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 problems.append(f"{name}={getattr(self, name)!r} (a whole number >= 1)")
         if self.label_manager.has_regions:
@@ -178,12 +182,13 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         mixed_scribbles = mix(scribbles, scribbles[batch["partner"]], batch["mask"])
         terms = {"aux_decoder": self.aux_decoder_weight * self.aux_loss(aux, torch.cat([scribbles, mixed_scribbles]))}
 
-        # the mix's pseudo-label: box from decoder A on x_j, the rest from decoder B on the partner
+        # the mix's pseudo-label: the box from decoder A(j) on x_j, the rest from the other decoder on the partner
         with torch.no_grad():
             p_main, p_aux = torch.softmax(_full(main[:n]), 1), torch.softmax(_full(aux[:n]), 1)
-            coin = batch["coin"].view(-1, *[1] * (main.dim() - 1))
-            p_a, p_b = torch.where(coin, p_main, p_aux), torch.where(coin, p_aux, p_main)
-            pseudo = mix(p_a, p_b[batch["partner"]], batch["mask"]).argmax(1)
+            coin, partner = batch["coin"].view(-1, *[1] * (main.dim() - 1)), batch["partner"]
+            inside = torch.where(coin, p_main, p_aux)
+            outside = torch.where(coin, p_aux[partner], p_main[partner])
+            pseudo = mix(inside, outside, batch["mask"]).argmax(1)
         terms["mix"] = self.mix_pseudo_weight * (F.cross_entropy(main[n:], pseudo) +
                                                  self.aux_decoder_weight * F.cross_entropy(aux[n:], pseudo))
         terms["contrast"] = self._contrast(batch, features[f"enc{self.embedding_stage_used}"][:n], p_main, p_aux,
@@ -204,17 +209,19 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long().flatten(1)
         prediction = F.interpolate(prediction[:, None].float(), size=size, mode="nearest")[:, 0].long().flatten(1)
         flat = emb.flatten(2)
-        batch["enqueue"] = class_means(flat.detach(), labels, self.label_manager.foreground_labels)
+        # kept on the trainer, not in the batch: DDP may hand the forward a copy of the batch dict
+        self._enqueue = class_means(flat.detach(), labels, self.label_manager.foreground_labels)
         weight = 0.0 if self._iteration < self.contrast_start_iteration else \
             self.contrast_weight * (self._iteration / self.max_iterations) ** self.contrast_ramp_power
         keys, key_labels = self.cl_modules["memory"].keys()
         if weight == 0 or keys.shape[0] == 0:
             return flat.sum() * 0.0  # (in the graph: the head takes part in every step, as DDP expects)
-        pairs = count_class_pairs(labels)
+        pairs = count_class_pairs(labels, self.min_class_voxels)
         if self.is_ddp:  # n_view from the whole batch's (image, class) pairs
             pairs = int(sum_with_grad(torch.tensor(float(pairs), device=flat.device)).round().item())
         n_view = anchors_per_class(pairs, self.max_anchors, self.max_anchors_per_class)
-        b_idx, v_idx, classes, _ = sample_class_anchors(labels, prediction, n_view, generators=batch["generators"])
+        b_idx, v_idx, classes, _ = sample_class_anchors(labels, prediction, n_view, self.min_class_voxels,
+                                                        batch["generators"])
         anchors = flat[b_idx, :, v_idx]
         per_anchor = queue_pixel_contrast(anchors, classes, keys, key_labels, self.temperature, self.base_temperature,
                                           reduction="none")
@@ -226,7 +233,8 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
 
     def on_after_step(self, batch: dict, terms: dict) -> None:
         self._iteration += 1
-        rows, classes = batch.get("enqueue", (None, None))
+        rows, classes = self._enqueue
+        self._enqueue = (None, None)
         if rows is None:
             return
         if is_distributed() and self.is_ddp:  # every rank pushes every rank's rows, in rank order

@@ -54,11 +54,11 @@ def mix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def resize_mask(mask: torch.Tensor, spatial) -> torch.Tensor:
-    """A (B, 1, *spatial) {0, 1} mask at another resolution (nearest neighbour, as nnU-Net resizes label maps for
-    deep supervision), so that a mixed target at every scale is a mix of that scale's targets."""
+    """A (B, 1, *spatial) {0, 1} mask at another resolution ('nearest-exact', as nnU-Net's augmentation downsamples
+    label maps for deep supervision), so that a mixed target at every scale is a mix of that scale's targets."""
     if tuple(mask.shape[2:]) == tuple(spatial):
         return mask
-    return F.interpolate(mask.float(), size=tuple(spatial), mode="nearest")
+    return F.interpolate(mask.float(), size=tuple(spatial), mode="nearest-exact")
 
 
 def mix_partners(n: int, group: int = 2) -> torch.Tensor:

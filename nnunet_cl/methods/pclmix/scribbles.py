@@ -34,9 +34,11 @@ DEFAULT_GROUP = r"^(patient\d+)"  # ACDC: patient001_frame01 and patient001_fram
 _GEOMETRY_TOL = 1e-3
 
 
-def find_scribble_cases(folder: str, scribbles: str = "scribblesTr", dense: str | None = "labelsTr") -> list:
-    """The cases of a scribble dataset folder, as {'case', 'image', 'scribble', 'dense'} (dense None when absent);
-    every image needs its scribble map, dense labels are optional."""
+def find_scribble_cases(folder: str, scribbles: str = "scribblesTr", dense: str | None = "labelsTr",
+                        num_channels: int = 1) -> list:
+    """The cases of a scribble dataset folder, as {'case', 'image' (channel 0), 'channels' (every channel's file),
+    'scribble', 'dense'} (dense None when absent); every image needs its scribble map and all its channels, dense
+    labels are optional."""
     images = join(folder, "imagesTr")
     if not isdir(images) or not isdir(join(folder, scribbles)):
         raise NnUNetCLError(f"{folder} needs imagesTr/ and {scribbles}/ (nnU-Net's raw layout plus a scribble "
@@ -53,8 +55,13 @@ def find_scribble_cases(folder: str, scribbles: str = "scribblesTr", dense: str 
             missing.append(case)
             continue
         d = join(folder, dense, f"{case}.nii.gz") if dense else None
-        cases.append(dict(case=case, image=join(images, f), scribble=scribble,
-                                  dense=d if d and isfile(d) else None))
+        channels = [join(images, f"{case}_{c:04d}.nii.gz") for c in range(num_channels)]
+        absent = [c for c in channels if not isfile(c)]
+        if absent:
+            raise NnUNetCLError(f"Case {case} lacks {absent[0]} (dataset.json names {num_channels} channels). Fix: add "
+                                f"the file, or correct channel_names.")
+        cases.append(dict(case=case, image=join(images, f), channels=channels, scribble=scribble,
+                          dense=d if d and isfile(d) else None))
     if missing:
         raise NnUNetCLError(f"{len(missing)} image(s) have no scribble map in {join(folder, scribbles)}: "
                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Fix: add "
@@ -120,7 +127,7 @@ def patient_splits(cases: list[str], group: str | None = DEFAULT_GROUP, folds: i
     the cases whose ids share the first match of ``group`` (a regular expression with one group) stay together;
     a case that does not match is a group of its own."""
     from sklearn.model_selection import KFold
-    key = (lambda c: (re.match(group, c) or [None, c])[1]) if group else (lambda c: c)
+    key = _group_key(cases, group)
     groups = sorted({key(c) for c in cases})
     if len(groups) < folds:
         raise NnUNetCLError(f"{len(groups)} patient group(s) for {folds} folds. Fix: convert more cases, or fewer "
@@ -131,6 +138,19 @@ def patient_splits(cases: list[str], group: str | None = DEFAULT_GROUP, folds: i
         splits.append({"train": sorted(c for c in cases if key(c) in train),
                        "val": sorted(c for c in cases if key(c) not in train)})
     return splits
+
+
+def _group_key(cases: list[str], group: str | None):
+    """case id -> its patient (the first group of the regular expression ``group``); every case must match."""
+    if not group:
+        return lambda c: c
+    unmatched = [c for c in cases if not re.match(group, c)]
+    if unmatched:
+        raise NnUNetCLError(f"{len(unmatched)} case(s) do not match --group {group!r} (e.g. {unmatched[0]}), so their "
+                            f"patient is unknown and its frames could fall on both sides of a split. Fix: a --group "
+                            f"whose first group names the patient of every case, or --group '' if every case is a "
+                            f"patient of its own.")
+    return lambda c: re.match(group, c)[1]
 
 
 def _write_label(src: str, dst: str, image: sitk.Image, lut: np.ndarray) -> None:
@@ -148,19 +168,34 @@ def convert_scribbles(folder: str, dataset_id: int, name: str, unannotated: int 
     ``labels``: 'scribbles' (unannotated -> ignore label) or 'dense' (the dense maps, for full supervision).
     ``max_groups``: keep only the first N patient groups (sorted), e.g. for a quick benchmark.
     """
-    from tqdm import tqdm
     if labels not in ("scribbles", "dense"):
         raise NnUNetCLError(f"labels must be 'scribbles' or 'dense', got {labels!r}")
     spec_file = join(folder, "dataset.json")
     if not isfile(spec_file):
         raise NnUNetCLError(f"No dataset.json in {folder}. Fix: add one with 'channel_names' and 'labels'.")
     spec = json.load(open(spec_file))
-    classes = {k: int(v) for k, v in spec["labels"].items() if k != "ignore"}
+    if not isinstance(spec.get("labels"), dict) or not isinstance(spec.get("channel_names"), dict):
+        raise NnUNetCLError(f"{spec_file} needs 'channel_names' and 'labels' ({{name: value}}). Fix: add them as in "
+                            f"nnU-Net's dataset.json.")
+    classes = {k: v for k, v in spec["labels"].items() if k != "ignore"}
+    if not all(isinstance(v, int) for v in classes.values()) or \
+            sorted(classes.values()) != list(range(len(classes))):
+        raise NnUNetCLError(f"The labels of {spec_file} must be integers 0, 1, ..., N-1 (one class per value; region "
+                            f"labels are not for scribbles); got {classes}. Fix: renumber them.")
     if unannotated in classes.values():
         raise NnUNetCLError(f"The unannotated value {unannotated} is also class "
                             f"{[k for k, v in classes.items() if v == unannotated][0]}. Fix: --unannotated VALUE.")
-    cases = find_scribble_cases(folder, scribbles, dense)
-    key = (lambda c: (re.match(group, c) or [None, c])[1]) if group else (lambda c: c)
+    dataset = f"Dataset{int(dataset_id):03d}_{name}"
+    raw_root, pre_root = require_env("nnUNet_raw"), require_env("nnUNet_preprocessed")
+    for var, root in (("nnUNet_raw", raw_root), ("nnUNet_preprocessed", pre_root),
+                      ("nnUNet_results", os.environ.get("nnUNet_results"))):
+        taken = [d for d in (os.listdir(root) if root and isdir(root) else [])
+                 if d.startswith(f"Dataset{int(dataset_id):03d}_")]
+        if taken:  # nnU-Net resolves an id through all three folders: one name per id
+            raise NnUNetCLError(f"{var} already holds {taken[0]} with id {dataset_id}. Fix: choose another -d, or "
+                                f"delete {join(root, taken[0])} to convert again.")
+    cases = find_scribble_cases(folder, scribbles, dense, len(spec["channel_names"]))
+    key = _group_key([c["case"] for c in cases], group)
     if max_groups:
         keep = sorted({key(c["case"]) for c in cases})[:max_groups]
         cases = [c for c in cases if key(c["case"]) in keep]
@@ -169,22 +204,29 @@ def convert_scribbles(folder: str, dataset_id: int, name: str, unannotated: int 
     stats = check_scribble_cases(cases, classes, unannotated, progress)
     splits = patient_splits([c["case"] for c in cases], group, folds)
 
-    dataset = f"Dataset{int(dataset_id):03d}_{name}"
-    raw_root, pre_root = require_env("nnUNet_raw"), require_env("nnUNet_preprocessed")
-    taken = [d for d in os.listdir(raw_root) if d.startswith(f"Dataset{int(dataset_id):03d}_")]
-    if taken:
-        raise NnUNetCLError(f"nnUNet_raw already holds {taken[0]} with id {dataset_id}. Fix: choose another -d, or "
-                            f"delete {join(raw_root, taken[0])} to convert again.")
     ignore = max(classes.values()) + 1  # nnU-Net: the ignore label is the highest value
     lut = np.arange(max(ignore, unannotated) + 1)
     lut[unannotated] = ignore
     tmp = join(raw_root, f".{dataset}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_dataset(tmp, cases, spec, classes, labels, lut, ignore, unannotated, stats, folder, progress)
+        os.replace(tmp, join(raw_root, dataset))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a write that failed part-way leaves nothing behind
+    os.makedirs(join(pre_root, dataset), exist_ok=True)
+    save_json_atomic(splits, join(pre_root, dataset, "splits_final.json"))
+    return join(raw_root, dataset)
+
+
+def _write_dataset(tmp, cases, spec, classes, labels, lut, ignore, unannotated, stats, folder, progress) -> None:
+    from tqdm import tqdm
     for sub in ("imagesTr", "labelsTr") + (("labelsTr_dense",) if labels == "scribbles" else ()):
         os.makedirs(join(tmp, sub))
-    for c in tqdm(cases, desc=f"Writing {dataset}", unit="case", disable=not progress):
+    for c in tqdm(cases, desc=f"Writing {os.path.basename(tmp)}", unit="case", disable=not progress):
         image = sitk.ReadImage(c["image"])
-        shutil.copy(c["image"], join(tmp, "imagesTr", f"{c['case']}_0000.nii.gz"))
+        for i, channel in enumerate(c["channels"]):
+            shutil.copy(channel, join(tmp, "imagesTr", f"{c['case']}_{i:04d}.nii.gz"))
         if labels == "scribbles":
             _write_label(c["scribble"], join(tmp, "labelsTr", f"{c['case']}.nii.gz"), image, lut)
             if c["dense"]:
@@ -201,10 +243,6 @@ def convert_scribbles(folder: str, dataset_id: int, name: str, unannotated: int 
                                  "dense_labels": "labelsTr_dense" if any(c["dense"] for c in cases) else None}
     with open(join(tmp, "dataset.json"), "w") as f:
         json.dump(out_spec, f, indent=2)
-    os.replace(tmp, join(raw_root, dataset))
-    os.makedirs(join(pre_root, dataset), exist_ok=True)
-    save_json_atomic(splits, join(pre_root, dataset, "splits_final.json"))
-    return join(raw_root, dataset)
 
 
 def main() -> None:
