@@ -45,6 +45,7 @@ DATASET = "Dataset906_HippoContract"
 TINY_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "organ": 1}, "numTraining": 4,
              "file_ending": ".nii.gz"}
 # a couple of short steps per family; SepaReg's separation gets few, coarse supervoxels per case
+CONTRACT_BATCH = 2  # patches per fine-tuning step (PCLMix's mix needs 2)
 SMALL = {"pretrain_iterations_per_epoch": 2, "finetune_iterations_per_epoch": 1,
          "finetune_val_iterations_per_epoch": 1, "training_seed": 0}
 FAMILY_ATTRS = {"nnUNetTrainerSepaReg": {"n_segments": 24, "regions_per_step": 4, "crop_size": 16},
@@ -114,6 +115,10 @@ def _make(real, name, configuration="3d_fullres", plans="nnUNetPlans", **attrs):
     folder = real["root"] / "nnUNet_preprocessed" / DATASET
     plans_dict = load_json(str(folder / f"{plans}.json"))
     plans_dict["continue_training"] = False
+    # the plans' network and patch, at CONTRACT_BATCH patches per step: the contract is about the mechanics, and
+    # the plans' batches (5 in 3d_fullres, 208 in 2d here, doubled by DCL-Seg and PCLMix) cost minutes per CPU step
+    cfg = plans_dict["configurations"][configuration]
+    cfg["batch_size"] = min(int(cfg["batch_size"]), CONTRACT_BATCH)
     trainer = getattr(nnunet_cl_trainers, name)(plans_dict, configuration, 0, load_json(str(folder / "dataset.json")),
                                                 torch.device("cpu"))
     for k, v in {**SMALL, **FAMILY_ATTRS.get(name, {}), **attrs}.items():

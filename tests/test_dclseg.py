@@ -256,12 +256,12 @@ def test_the_generator_gets_the_gradient_of_its_objective_and_nothing_else(dclse
     for p in gen.parameters():  # away from the zero start, so that every parameter has a gradient
         torch.nn.init.normal_(p, std=0.1)
     batch = _labeled_batch(trainer)
-    state = trainer._rng.get_state()
+    state = trainer._step_rng.get_state()
     loss, _ = trainer.step_losses({k: (v.clone() if torch.is_tensor(v) else [t.clone() for t in v])
                                    for k, v in batch.items()})
     loss.backward()
     ours = [p.grad.clone() for p in gen.parameters()]
-    trainer._rng.set_state(state)  # the same draws, in the same order as the step
+    trainer._step_rng.set_state(state)  # the same draws, in the same order as the step
     x = batch["data"]
     generators = trainer.sample_generators(x.shape[0])
     code = torch.cat([torch.randn(1, trainer.generator_code_dim, generator=g) for g in generators])

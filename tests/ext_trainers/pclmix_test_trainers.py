@@ -5,8 +5,8 @@ from nnunet_cl_trainers import nnUNetTrainerPCLMix
 
 
 class nnUNetTrainerPCLMix_test(nnUNetTrainerPCLMix):
-    """PCLMix for 2 x 3 steps, the contrast from the second step on; no mirroring (as nnU-Net's
-    nnUNetTrainerNoMirroring), so that the final validation's sliding window runs once per case, not 8 times."""
+    """PCLMix for 2 x 3 steps, the contrast from the second step on, no mirroring (as nnU-Net's
+    nnUNetTrainerNoMirroring) and no final validation: the test predicts with nnUNetv2_predict itself."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -18,3 +18,6 @@ class nnUNetTrainerPCLMix_test(nnUNetTrainerPCLMix):
         rotation, do_dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         self.inference_allowed_mirroring_axes = None
         return rotation, do_dummy_2d, initial_patch_size, None
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("No final validation (test trainer): the test runs nnUNetv2_predict")
