@@ -136,15 +136,15 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         head = embedding_head(channels[self.embedding_stage_used], self.embedding_dim, encoder.conv_op,
                               encoder.norm_op)
         memory = ClassQueue(self.label_manager.foreground_labels, self.queue_size, self.embedding_dim)
-        self.aux_loss = DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5,
-                                        "do_bg": False, "ddp": self.is_ddp}, {}, weight_ce=1, weight_dice=1,
-                                       ignore_label=self.label_manager.ignore_label,
-                                       dice_class=MemoryEfficientSoftDiceLoss)
         return nn.ModuleDict({"aux_decoder": decoder, "head": head, "memory": memory})
 
     def initialize(self):
         super().initialize()
-        self.aux_loss.dc.ddp = self.is_ddp  # (built while nnU-Net's set-up ran without DDP)
+        # the second decoder's loss: nnU-Net's Dice + CE (ignore label: the partial loss) without deep supervision
+        self.aux_loss = DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5,
+                                        "do_bg": False, "ddp": self.is_ddp}, {}, weight_ce=1, weight_dice=1,
+                                       ignore_label=self.label_manager.ignore_label,
+                                       dice_class=MemoryEfficientSoftDiceLoss)
 
     def cl_extra_state(self) -> dict:
         return {"iteration": self._iteration}
