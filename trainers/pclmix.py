@@ -171,6 +171,7 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         batch["coin"] = torch.stack([torch.rand((), generator=g) < 0.5 for g in batch["generators"]]).to(x.device)
         x_mix = mix(x, x[partner], masks)
         mixed = [torch.cat([t, mix(t, t[partner], resize_mask(masks, t.shape[2:]))]) for t in target]
+        batch["step_target"] = mixed[0]  # [scribbles; mixed scribbles] at full resolution, for the second decoder
         return torch.cat([x, x_mix]), (mixed if isinstance(batch["target"], (list, tuple)) else mixed[0])
 
     def auxiliary_losses(self, batch: dict, output, features: dict) -> dict:
@@ -179,8 +180,7 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         main = output[0] if isinstance(output, (list, tuple)) else output  # full resolution, (2n, C, *S)
         aux = self.cl_modules["aux_decoder"](skips)
         scribbles = _scales(batch["target"])[0]  # (n, 1, *S), ignore label where unannotated
-        mixed_scribbles = mix(scribbles, scribbles[batch["partner"]], batch["mask"])
-        terms = {"aux_decoder": self.aux_decoder_weight * self.aux_loss(aux, torch.cat([scribbles, mixed_scribbles]))}
+        terms = {"aux_decoder": self.aux_decoder_weight * self.aux_loss(aux, batch["step_target"])}
 
         # the mix's pseudo-label: the box from decoder A(j) on x_j, the rest from the other decoder on the partner
         with torch.no_grad():
@@ -198,7 +198,7 @@ class nnUNetTrainerPCLMix(nnUNetTrainerCLBase):
         return terms
 
     def _contrast(self, batch, feature_map, p_main, p_aux, scribbles):
-        """The pixel contrast of this step's clean patches against the memory; their class means wait in the batch
+        """The pixel contrast of this step's clean patches against the memory; their class means wait on the trainer
         for on_after_step, which pushes them after the optimiser's step (this step contrasts the old memory)."""
         emb = F.normalize(_full(self.cl_modules["head"](feature_map)), dim=1)  # (n, D, *s)
         threshold = uncertainty_threshold(self._iteration, self.max_iterations, self.label_manager.num_segmentation_heads,
