@@ -10,7 +10,7 @@ Each run predicts its fold's validation cases (nnUNetv2_predict, no test-time mi
 dense labels (nnUNetv2_evaluate_folder). Everything is resumable: a finished run, prediction or score is kept; an
 interrupted training continues with --c. Each command is logged with its wall time and the load average.
 
-Usage:
+Usage (nnUNet_extTrainer=$(nnUNetv2_cl_ext_trainer_path) exported; the script sets the nnUNet_* folders itself):
   python benchmarks/pclmix_acdc.py --work /work/pclmix_bench --folds 0 1 2 --schedule clBenchQuick \
       --patch 8 128 128 --batch_size 2 --width 16
   python benchmarks/pclmix_acdc.py --work /work/pclmix_bench --folds 0 1 2 --schedule clBenchQuick --report_only
