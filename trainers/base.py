@@ -47,7 +47,7 @@ from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nnunet_cl.distributed import shard
+from nnunet_cl.distributed import rank, shard
 from nnunet_cl.features import unet_features
 from nnunet_cl.memory import fix_mmap_threshold
 from nnunet_cl.paths import NnUNetCLError, save_json_atomic
@@ -236,7 +236,6 @@ class nnUNetTrainerCLBase(nnUNetTrainer):
         """One torch.Generator per sample of this rank's batch, seeded by one draw of the run's step stream and the
         sample's index in the global batch: a sample's draws (a mix box, a code, its anchors) do not depend on how
         many ranks share the batch (2 processes draw what 1 process draws for the whole batch)."""
-        from nnunet_cl.distributed import rank
         base = int(torch.randint(2 ** 62, (), generator=self._step_rng))
         return [torch.Generator().manual_seed(base + rank() * n + i) for i in range(n)]
 
