@@ -25,7 +25,7 @@ _spec.loader.exec_module(supercl_cost)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["nnUNetTrainerSimCLR_quick", "nnUNetTrainerPolyCL_quick", "nnUNetTrainerSuperCL_quick",
-            "nnUNetTrainerSepaReg_quick"]
+            "nnUNetTrainerSepaReg_quick", "nnUNetTrainerDCLSeg_quick", "nnUNetTrainerPCLMix_quick"]
 CACHES = ("nnunet_cl_separeg", "nnunet_cl_supercl")
 
 
