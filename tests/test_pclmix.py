@@ -164,6 +164,13 @@ def test_the_second_decoder_is_heterogeneous_and_cheaper_than_the_stock_one():
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(dec) < 0.5 * n(net.decoder)
     assert not any(isinstance(m, torch.nn.ConvTranspose3d) for m in dec.modules())
+    # stopping one stage above full resolution: full-resolution logits, no convolution at full resolution
+    shallow = UpsampleAddDecoder(enc.output_channels, 3, enc.conv_op, enc.norm_op, enc.norm_op_kwargs, enc.nonlin,
+                                 output_stage=1)
+    assert shallow(skips).shape == (2, 3, 16, 24, 16) and len(shallow.stages) == len(dec.stages) - 1
+    assert shallow.seg.in_channels == dec.stages[1][0].out_channels
+    with pytest.raises(ValueError, match="output_stage"):
+        UpsampleAddDecoder(enc.output_channels, 3, output_stage=3)
 
 
 # ------------------------------------------------------------------------------------------- scribbles
