@@ -28,8 +28,9 @@ import torch
 sys.path.insert(0, dirname(os.path.abspath(__file__)))
 from step_cost import write_report  # noqa: E402
 
-VARIANTS = {"nnUNetTrainerPCLMix": {}, "nnUNetTrainerPCLMix, aux_width 0.25": {"aux_width": 0.25},
-            "nnUNetTrainerPCLMix, aux_output_stage 1": {"aux_output_stage": 1}}
+VARIANTS = {"nnUNetTrainerPCLMix, aux_output_stage 0 (full resolution)": {"aux_output_stage": 0},
+            "nnUNetTrainerPCLMix, aux_output_stage 0, aux_width 0.25": {"aux_output_stage": 0, "aux_width": 0.25},
+            "nnUNetTrainerPCLMix (defaults: aux_output_stage 1, aux_width 0.5)": {}}
 
 
 def make(name: str, dataset: str, plans_identifier: str, batch_factor: int = 1, **attributes):
@@ -110,10 +111,10 @@ def main(argv=None) -> None:
              f"warm-up).", ""]
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
-        trainer = trainers["nnUNetTrainerPCLMix"][0]
+        trainer = trainers[list(VARIANTS)[-1]][0]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             trainer.train_step(batches[0])
-        lines += ["One PCLMix step, torch.profiler, top operators by self CPU time:", "", "```",
+        lines += ["One PCLMix step (defaults), torch.profiler, top operators by self CPU time:", "", "```",
                   prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), "```", ""]
     cmd = " ".join(["python benchmarks/pclmix_step_cost.py", *(argv if argv is not None else sys.argv[1:])])
     lines.append(f"Command: `{cmd}`")
