@@ -39,7 +39,10 @@ class nnUNetTrainerSimCLR_clDemo(nnUNetTrainerSimCLR):
 
 
 class nnUNetTrainer_clDemoQuick(nnUNetTrainer_clDemo):
-    """The reduced demo of the test suite: 2 epochs x 3 iterations."""
+    """The reduced demo of the test suite: 2 epochs x 3 iterations, no final validation (the demo predicts and scores
+    its held-out cases itself; nnU-Net's validation of the fold would double the test's training time)."""
+
+    final_validation = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -48,8 +51,13 @@ class nnUNetTrainer_clDemoQuick(nnUNetTrainer_clDemo):
 
 
 class nnUNetTrainerSimCLR_clDemoQuick(nnUNetTrainerSimCLR_clDemo):
+    """The reduced demo's SimCLR arm: 2 + 2 epochs x 3 iterations, no final validation (as nnUNetTrainer_clDemoQuick)."""
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.pretrain_epochs, self.pretrain_iterations_per_epoch = 2, 3
         self.finetune_epochs, self.finetune_iterations_per_epoch, self.finetune_val_iterations_per_epoch = 2, 3, 2
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("No final validation (the reduced demo scores its held-out cases itself)")
