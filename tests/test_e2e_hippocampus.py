@@ -1,7 +1,6 @@
 """End to end through the real command lines on real MRI (MSD Task04 hippocampus, ../shared/data).
 
-8 labeled cases + 20 other hippocampus images as the unlabeled pool; nnU-Net plans and preprocesses (its plans then
-shrunk to a small patch and width, for the suite's time); the
+8 labeled cases + 20 other hippocampus images as the unlabeled pool; nnU-Net plans and preprocesses; the
 staged SimCLR trainer pretrains and fine-tunes with tiny epochs on -device cpu; nnUNetv2_predict works through
 the extension; the exported model predicts identically with stock nnU-Net (extension made unimportable);
 -pretrained_weights and --c round trips. Tiny schedules live in tests/ext_trainers (a second
@@ -19,7 +18,6 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_cl.bench.design import BENCH_PLANS, write_bench_plans
 from nnunet_cl.safe_load import load_checkpoint_file
 
 
@@ -55,13 +53,6 @@ def hippo(tmp_path_factory, shared_data):
     (raw / "dataset.json").write_text(json.dumps(dataset_json))
     shutil.rmtree(msd)
     run(["nnUNetv2_plan_and_preprocess", "-d", "905", "-c", "3d_fullres", "-np", "1"], env)
-    # nnUNetPlans itself made smaller (patch 16x32x32, batch 4, width 16; network re-planned for the patch as
-    # nnU-Net's planner would): every command below runs unchanged, at a fraction of the stock plans' step cost
-    pre = root / "nnUNet_preprocessed" / DATASET
-    write_bench_plans(pre, patch=[16, 32, 32], batch_size=4, width=16, topology="planned")
-    plans = json.loads((pre / f"{BENCH_PLANS}.json").read_text())
-    (pre / "nnUNetPlans.json").write_text(json.dumps({**plans, "plans_name": "nnUNetPlans"}))
-    (pre / f"{BENCH_PLANS}.json").unlink()
     return {"root": root, "env": env, "unlabeled": unlabeled, "test_in": test_in}
 
 
