@@ -102,8 +102,9 @@ def main(argv=None) -> None:
             f"{np.percentile(t, 75) * 1000:.0f} | {statistics.median(t) / base:.2f} |" for k, t in times.items()]
     cfg = plain.configuration_manager
     lines = [f"PCLMix step cost on {plain.plans_manager.dataset_name} ({args.p}, 3d_fullres): patch "
-             f"{list(cfg.patch_size)}, batch {cfg.batch_size}, features {cfg.network_arch_init_kwargs['features_per_stage']}"
-             f", {torch.get_num_threads()} torch threads, CPU; {args.steps} timed steps each after {args.warmup} "
+             f"{list(cfg.patch_size)}, batch {cfg.batch_size}, features "
+             f"{cfg.network_arch_init_kwargs['features_per_stage']}, {torch.get_num_threads()} torch threads, CPU; "
+             f"{args.steps} timed steps each after {args.warmup} "
              f"warm-up steps (median; interquartile range), on {args.batches} real augmented batches of fold 0.",
              "", "| trainer | ms / step | IQR ms | ratio to nnUNetTrainer |", "|---|---|---|---|", *rows, "",
              f"Load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after ({time.time() - t_start:.0f} s). "

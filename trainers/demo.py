@@ -51,7 +51,8 @@ class nnUNetTrainer_clDemoQuick(nnUNetTrainer_clDemo):
 
 
 class nnUNetTrainerSimCLR_clDemoQuick(nnUNetTrainerSimCLR_clDemo):
-    """The reduced demo's SimCLR arm: 2 + 2 epochs x 3 iterations, no final validation (as nnUNetTrainer_clDemoQuick)."""
+    """The reduced demo's SimCLR arm: 2 + 2 epochs x 3 iterations, no final validation (as
+    nnUNetTrainer_clDemoQuick)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

@@ -32,7 +32,8 @@ class UpsampleAddDecoder(nn.Module):
                  width: float = 0.5, output_stage: int = 0):
         super().__init__()
         if not 0 <= output_stage < len(channels) - 1:
-            raise ValueError(f"output_stage {output_stage} must be in [0, {len(channels) - 2}] for {len(channels)} stages")
+            raise ValueError(f"output_stage {output_stage} must be in [0, {len(channels) - 2}] for "
+                             f"{len(channels)} stages")
         self.output_stage = output_stage
         skip_channels = list(channels)
         channels = [max(1, round(c * width)) for c in skip_channels]
